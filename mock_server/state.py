@@ -1,0 +1,370 @@
+"""Everything the mock remembers: configuration, tasks, quotas, injected faults and the request journal.
+
+Task lifecycles are computed from the clock when asked, never advanced by background work: a task's
+status at time t follows from when it was created, its simulated queue and render times and its planned
+outcome. That keeps the mock deterministic for a given seed and cheap however many tasks it holds.
+
+All durations are simulated seconds multiplied by `time_scale` (0.001 turns a 60 s render into 60 ms);
+that includes the quota windows (a "minute" lasts 60 x time_scale seconds) and the tasks'
+`execution_expires_after`. `advance()` moves the mock's clock forward, for tests of long waits.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.api import ServiceTier, SubmitRequest, TaskStatus
+
+Outcome = Literal["succeed", "fail", "hang"]
+Endpoint = Literal["submit", "task-result"]
+
+
+class TierQuota(BaseModel):
+    """Limits of one tier; None means unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1, description="Accepted submits per (scaled) minute.")
+    concurrency: int | None = Field(default=None, ge=1, description="Unfinished tasks at once.")
+    daily_tokens: int | None = Field(default=None, ge=1, description="Tokens submitted per (scaled) day.")
+
+
+class MockConfig(BaseModel):
+    """Behaviour of the mock that the real API's docs leave open or that tests want to choose.
+
+    `POST /_mock/config` merges a partial object into the current one.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = Field(default=None, description="Accepted key; None accepts any bearer token.")
+    time_scale: float = Field(default=1.0, gt=0, description="Real seconds per simulated second.")
+    model_rpm: int | None = Field(default=200, ge=1, description="Submits per minute across tiers.")
+    quotas: dict[ServiceTier, TierQuota] = Field(
+        default={
+            "default": TierQuota(rpm=600, concurrency=10),
+            "flex": TierQuota(daily_tokens=500_000_000_000),
+        }
+    )
+    queue_seconds: dict[ServiceTier, float] = Field(default={"default": 5.0, "flex": 1800.0})
+    render_seconds: dict[ServiceTier, float] = Field(
+        default={"default": 60.0, "flex": 120.0},
+        description="Render time of a 5 s 720p clip; scaled by duration and resolution.",
+    )
+    resolution_factor: dict[str, float] = Field(default={"480p": 0.6, "720p": 1.0, "1080p": 1.8})
+    jitter: float = Field(default=0.2, ge=0, lt=1, description="Relative spread of queue and render times.")
+    failure_rate: float = Field(default=0.0, ge=0, le=1, description="Share of tasks that end FAILED.")
+    failure_reason: str = "content generation failed"
+    expired_reason: str = Field(
+        default="task expired: execution_expires_after exceeded",
+        description="FAILED reason of a task past its window (the gateway's wording is unknown).",
+    )
+    video_url_ttl: int = Field(default=3600, description="Seconds a video URL stays valid (not scaled).")
+    ttl_as_string: bool = Field(default=True, description='Send video_url_ttl as "3600" like the docs.')
+    public_url: str | None = Field(
+        default=None, description="Base of the video URLs handed out; default: the request's Host."
+    )
+
+
+class ForcedOutcome(BaseModel):
+    """Force the outcome of the next `count` tasks, or of every task whose prompt contains a marker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outcome: Outcome
+    count: int | None = Field(default=None, ge=1)
+    prompt_contains: str | None = Field(default=None, min_length=1)
+    reason: str | None = None
+
+
+class AuthFault(BaseModel):
+    """Answer every API request with this error until cleared (a revoked key, an empty balance)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal[401, 403, 404] = 403
+    reason: str = "INVALID_API_KEY"
+    message: str = "the API key is not valid"
+
+
+class Faults(BaseModel):
+    """Faults injected into API requests. `POST /_mock/faults` replaces the whole set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status_rates: dict[Literal["429", "500", "502", "503", "504"], float] = Field(default_factory=dict)
+    retry_after: float | None = Field(default=1.0, ge=0, description="Retry-After (real s) on injected 429.")
+    latency_ms: float = Field(default=0.0, ge=0, description="Added to every API request.")
+    timeout_rate: float = Field(default=0.0, ge=0, le=1)
+    timeout_seconds: float = Field(default=30.0, ge=0, description="Hang this long, then answer 504.")
+    reset_rate: float = Field(default=0.0, ge=0, le=1, description="Close the connection, nothing done.")
+    malformed_rate: float = Field(default=0.0, ge=0, le=1, description="Do the work, garble the answer.")
+    endpoints: list[Endpoint] = Field(default=["submit", "task-result"])
+    outcomes: list[ForcedOutcome] = Field(default_factory=list)
+    auth: AuthFault | None = None
+
+
+@dataclass(slots=True)
+class Task:
+    task_id: str
+    tier: ServiceTier
+    request: SubmitRequest
+    created: float
+    queue_s: float
+    render_s: float
+    expires_s: float
+    outcome: Outcome
+    reason: str
+    seed: int
+    polls: int = 0
+
+    @property
+    def started(self) -> float:
+        return self.created + self.queue_s
+
+    @property
+    def planned_end(self) -> float:
+        return math.inf if self.outcome == "hang" else self.started + self.render_s
+
+    @property
+    def expires_at(self) -> float:
+        return self.created + self.expires_s
+
+    @property
+    def finishes_at(self) -> float:
+        return min(self.planned_end, self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    """A task as seen at one instant."""
+
+    status: TaskStatus
+    progress: int
+    reason: str
+    finished_at: float | None
+
+
+def view(task: Task, now: float, expired_reason: str) -> TaskView:
+    if task.planned_end > task.expires_at and now >= task.expires_at:
+        return TaskView(TaskStatus.FAILED, 0, expired_reason, task.expires_at)
+    if now < task.started:
+        return TaskView(TaskStatus.QUEUED, 0, "", None)
+    if now < task.planned_end:
+        done = (now - task.started) / task.render_s if task.render_s > 0 else 0.0
+        return TaskView(TaskStatus.PROCESSING, min(99, int(done * 100)), "", None)
+    if task.outcome == "succeed":
+        return TaskView(TaskStatus.SUCCEED, 100, "", task.planned_end)
+    return TaskView(TaskStatus.FAILED, 0, task.reason, task.planned_end)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaVerdict:
+    message: str
+    retry_after: float
+
+
+@dataclass(slots=True)
+class _Window:
+    """Timestamps of accepted events within a sliding window."""
+
+    events: deque[float] = field(default_factory=deque)
+
+    def check(self, now: float, length: float, limit: int) -> float | None:
+        """Seconds until one more event fits, or None when it fits now."""
+        while self.events and self.events[0] <= now - length:
+            self.events.popleft()
+        if len(self.events) < limit:
+            return None
+        return self.events[0] + length - now
+
+
+class MockState:
+    """The whole state of one mock API. Not thread-safe: one event loop owns it."""
+
+    JOURNAL_LIMIT = 200_000
+
+    def __init__(self, config: MockConfig | None = None, *, seed: int | None = None) -> None:
+        self._seed = seed
+        self._initial = config or MockConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        """Return to the state at start-up: the start-up config, no tasks, journal, quota usage or faults."""
+        self.config = self._initial.model_copy(deep=True)
+        self.rng = random.Random(self._seed)
+        self.set_faults(Faults())
+        self.tasks: dict[str, Task] = {}
+        self.journal: deque[dict[str, Any]] = deque(maxlen=self.JOURNAL_LIMIT)
+        self._offset = 0.0
+        self._epoch = time.time()
+        self._rpm: dict[str, _Window] = {"model": _Window(), "default": _Window(), "flex": _Window()}
+        self._unfinished: dict[str, list[tuple[float, str]]] = {"default": [], "flex": []}
+        self._tokens_day: dict[str, tuple[int, int]] = {"default": (0, 0), "flex": (0, 0)}
+
+    # clock
+    def now(self) -> float:
+        return time.time() + self._offset
+
+    def advance(self, simulated_seconds: float) -> None:
+        """Move the clock forward by `simulated_seconds` (scaled like every other duration)."""
+        self._offset += simulated_seconds * self.config.time_scale
+
+    def scaled(self, simulated_seconds: float) -> float:
+        return simulated_seconds * self.config.time_scale
+
+    # quotas
+    def check_quota(self, request: SubmitRequest) -> QuotaVerdict | None:
+        """Why this submit is over a quota right now, or None when it may go ahead."""
+        now = self.now()
+        minute = self.scaled(60.0)
+        tier = request.service_tier
+        if self.config.model_rpm is not None:
+            wait = self._rpm["model"].check(now, minute, self.config.model_rpm)
+            if wait is not None:
+                return QuotaVerdict(f"model rate limit of {self.config.model_rpm} requests per minute", wait)
+        quota = self.config.quotas.get(tier, TierQuota())
+        if quota.rpm is not None:
+            wait = self._rpm[tier].check(now, minute, quota.rpm)
+            if wait is not None:
+                return QuotaVerdict(f"{tier} tier rate limit of {quota.rpm} requests per minute", wait)
+        if quota.concurrency is not None:
+            heap = self._unfinished[tier]
+            while heap and heap[0][0] <= now:
+                heapq.heappop(heap)
+            if len(heap) >= quota.concurrency:
+                return QuotaVerdict(
+                    f"{tier} tier allows {quota.concurrency} unfinished tasks at once", heap[0][0] - now
+                )
+        if quota.daily_tokens is not None:
+            day_length = self.scaled(86400.0)
+            day = int((now - self._epoch) // day_length)
+            used_day, used = self._tokens_day[tier]
+            used = used if used_day == day else 0
+            if used + request.tokens() > quota.daily_tokens:
+                next_day = self._epoch + (day + 1) * day_length
+                return QuotaVerdict(
+                    f"{tier} tier daily budget of {quota.daily_tokens} tokens is spent", next_day - now
+                )
+        return None
+
+    def _count_submit(self, task: Task) -> None:
+        now = task.created
+        self._rpm["model"].events.append(now)
+        self._rpm[task.tier].events.append(now)
+        heapq.heappush(self._unfinished[task.tier], (task.finishes_at, task.task_id))
+        day = int((now - self._epoch) // self.scaled(86400.0))
+        used_day, used = self._tokens_day[task.tier]
+        self._tokens_day[task.tier] = (day, (used if used_day == day else 0) + task.request.tokens())
+
+    # tasks
+    def create_task(self, request: SubmitRequest) -> Task:
+        """Create a task for an accepted request (quotas already checked) and count it against them."""
+        cfg = self.config
+        tier = request.service_tier
+        length = request.duration / 5 * cfg.resolution_factor.get(request.resolution, 1.0)
+        outcome, reason = self._plan_outcome(request)
+        task = Task(
+            task_id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
+            tier=tier,
+            request=request,
+            created=self.now(),
+            queue_s=self.scaled(cfg.queue_seconds[tier] * self._spread()),
+            render_s=self.scaled(cfg.render_seconds[tier] * length * self._spread()),
+            expires_s=self.scaled(request.execution_expires_after),
+            outcome=outcome,
+            reason=reason,
+            seed=request.seed if request.seed is not None and request.seed >= 0 else self.rng.getrandbits(32),
+        )
+        self.tasks[task.task_id] = task
+        self._count_submit(task)
+        return task
+
+    def _spread(self) -> float:
+        return 1.0 + self.rng.uniform(-self.config.jitter, self.config.jitter)
+
+    def _plan_outcome(self, request: SubmitRequest) -> tuple[Outcome, str]:
+        for forced in self.faults.outcomes:
+            if forced.prompt_contains is not None and forced.prompt_contains in request.prompt:
+                return forced.outcome, forced.reason or self.config.failure_reason
+        for i, forced in enumerate(self.faults.outcomes):
+            if forced.prompt_contains is None and self._remaining[i] > 0:
+                self._remaining[i] -= 1
+                return forced.outcome, forced.reason or self.config.failure_reason
+        if self.rng.random() < self.config.failure_rate:
+            return "fail", self.config.failure_reason
+        return "succeed", ""
+
+    def view(self, task: Task) -> TaskView:
+        return view(task, self.now(), self.config.expired_reason)
+
+    # faults
+    def roll(self, endpoint: Endpoint) -> str | None:
+        """Which injected fault, if any, hits this request: "reset", "timeout", "malformed" or a status."""
+        faults = self.faults
+        if endpoint not in faults.endpoints:
+            return None
+        rng = self.rng
+        if faults.reset_rate and rng.random() < faults.reset_rate:
+            return "reset"
+        if faults.timeout_rate and rng.random() < faults.timeout_rate:
+            return "timeout"
+        for status, rate in faults.status_rates.items():
+            if rate and rng.random() < rate:
+                return status
+        if faults.malformed_rate and rng.random() < faults.malformed_rate:
+            return "malformed"
+        return None
+
+    def set_faults(self, faults: Faults) -> None:
+        self.faults = faults
+        # Outcomes without a prompt marker apply to the next `count` tasks (every task when count is unset).
+        self._remaining = [f.count if f.count is not None else 2**62 for f in faults.outcomes]
+
+    # journal
+    def record(self, entry: dict[str, Any]) -> None:
+        self.journal.append(entry)
+
+    def task_summaries(self) -> Iterable[dict[str, Any]]:
+        now = self.now()
+        for task in self.tasks.values():
+            seen = view(task, now, self.config.expired_reason)
+            yield {
+                "task_id": task.task_id,
+                "status": seen.status.value,
+                "progress_percent": seen.progress,
+                "reason": seen.reason,
+                "tier": task.tier,
+                "request": redacted(task.request),
+                "submitted_at": iso(task.created),
+                "finished_at": iso(seen.finished_at) if seen.finished_at is not None else None,
+                "outcome": task.outcome,
+                "polls": task.polls,
+                "tokens": task.request.tokens(),
+            }
+
+
+def redacted(request: SubmitRequest) -> dict[str, Any]:
+    """The request as JSON with inline image data replaced by its size: payloads never leave the mock."""
+    body = request.wire()
+    for key in ("image", "last_image"):
+        value = body.get(key)
+        if isinstance(value, str) and value.startswith("data:"):
+            head, _, data = value.partition(",")
+            body[key] = f"{head},<{len(data)} base64 chars>"
+    return body
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

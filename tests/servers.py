@@ -1,0 +1,68 @@
+"""Start real processes for tests: the mock API over a socket (and, later, the worker)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=0.5).status_code < 500:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@dataclass
+class MockProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_mock(
+    *, time_scale: float = 0.001, api_key: str | None = None, seed: int | None = 7, extra: Sequence[str] = ()
+) -> MockProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "mock_server", "--port", str(port), "--time-scale", str(time_scale)]
+    cmd += ["--log-level", "warning"]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    proc = subprocess.Popen([*cmd, *extra], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return MockProcess(proc, url)
