@@ -161,9 +161,9 @@ def _need_more(complete: bool) -> tuple[str, int, int] | None:
 
 
 def _parse_webp(data: bytes, complete: bool) -> tuple[str, int, int] | None:
-    if len(data) < 30:
-        return _need_more(complete)
     chunk = data[12:16]
+    if len(data) < (25 if chunk == b"VP8L" else 30):
+        return _need_more(complete)
     if chunk == b"VP8 ":
         width, height = struct.unpack("<HH", data[26:30])
         return "webp", width & 0x3FFF, height & 0x3FFF

@@ -54,7 +54,7 @@ def jpeg(width: int, height: int, *, app_padding: int = 0) -> bytes:
 def tiff(width: int, height: int, *, big_endian: bool = False) -> bytes:
     e = ">" if big_endian else "<"
     head = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(e + "I", 8)
-    entries = struct.pack(e + "HHII", 256, 4, 1, width) + struct.pack(e + "HHHH", 257, 3, 1, height) + b"\x00\x00"
+    entries = struct.pack(e + "HHII", 256, 4, 1, width) + struct.pack(e + "HHIHH", 257, 3, 1, height, 0)
     return head + struct.pack(e + "H", 2) + entries + b"\x00\x00\x00\x00"
 
 

@@ -208,7 +208,7 @@ async def test_over_the_flex_daily_token_budget_submits_get_429_until_the_next_d
     control = mock_control(target)
     config = {"quotas": {"default": {}, "flex": {"daily_tokens": 100_000}}}
     (await control.post("/_mock/config", json=config)).raise_for_status()
-    await submit(target, body(service_tier="flex"))  # 480p 4 s: 41,943 tokens
+    await submit(target, body(service_tier="flex"))  # 480p 4 s: 40,594 tokens
     await submit(target, body(service_tier="flex"))
     response = await target.api.post(SUBMIT_PATH, json=body(service_tier="flex"))
     error = assert_error(response, 429, "RATE_LIMIT_EXCEEDED")

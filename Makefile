@@ -1,0 +1,50 @@
+# The verbs people expect. Every target installs what it needs first, so a fresh clone needs only make.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install lint typecheck schemas check-schemas test test-fast demo bench mock clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+schemas: install
+	$(BIN)/python -m contracts.generate
+
+check-schemas: install
+	$(BIN)/python -m contracts.generate --check
+
+# The whole suite: lint, types, schema freshness, then every test against a real RabbitMQ and real servers.
+test: lint typecheck check-schemas
+	scripts/ensure-rabbitmq.sh
+	$(BIN)/pytest
+
+# Tests that need neither a broker nor a server process.
+test-fast: install
+	$(BIN)/pytest -m "not broker and not server" -q
+
+demo: install
+	scripts/demo.sh
+
+bench: install
+	scripts/ensure-rabbitmq.sh
+	$(BIN)/python -m scripts.bench
+
+mock: install
+	$(BIN)/seedance-mock --time-scale 0.05
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo .bench
