@@ -34,9 +34,7 @@ def _dump(document: dict[str, Any]) -> str:
 
 
 def _components(ref_template: str) -> dict[str, Any]:
-    _, top = models_json_schema(
-        [(model, "validation") for model in SCHEMA_MODELS.values()], ref_template=ref_template
-    )
+    _, top = models_json_schema([(model, "validation") for model in SCHEMA_MODELS.values()], ref_template=ref_template)
     defs: dict[str, Any] = top["$defs"]
     return defs
 
@@ -76,17 +74,13 @@ def openapi() -> dict[str, Any]:
                     "summary": "Submit an image-to-video task; answers its task_id.",
                     "requestBody": {
                         "required": True,
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/SubmitRequest"}}
-                        },
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitRequest"}}},
                     },
                     "responses": {
                         "200": {
                             "description": "Task accepted.",
                             "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/SubmitResponse"}
-                                }
+                                "application/json": {"schema": {"$ref": "#/components/schemas/SubmitResponse"}}
                             },
                         },
                         **errors,
@@ -98,15 +92,11 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "operationId": "getTaskResult",
                     "summary": "State of a task, and its video once it succeeded.",
-                    "parameters": [
-                        {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
-                    ],
+                    "parameters": [{"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}],
                     "responses": {
                         "200": {
                             "description": "The task.",
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/TaskResult"}}
-                            },
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskResult"}}},
                         },
                         **errors,
                         "404": _error_response("TASK_NOT_FOUND: no task has this id."),
@@ -163,9 +153,7 @@ def asyncapi() -> dict[str, Any]:
                 "description": "Queue holding messages that could not be turned into a job, unchanged, "
                 "with the reason in the `x-seedance-reason` header.",
                 "messages": {"dead": {"$ref": "#/components/messages/DeadLetter"}},
-                "bindings": {
-                    "amqp": {"is": "queue", "queue": {"name": messages.DEAD_LETTER_QUEUE, "durable": True}}
-                },
+                "bindings": {"amqp": {"is": "queue", "queue": {"name": messages.DEAD_LETTER_QUEUE, "durable": True}}},
             },
         },
         "operations": {

@@ -69,9 +69,7 @@ def inspect_data_uri(value: str) -> ImageInfo:
     if size >= MAX_BYTES:
         raise ImageError(f"image is {size} bytes; it must be under {MAX_BYTES} bytes (30 MB)")
     fmt, width, height = _read_dimensions(payload)
-    if not (
-        MIN_SIDE_EXCLUSIVE < width < MAX_SIDE_EXCLUSIVE and MIN_SIDE_EXCLUSIVE < height < MAX_SIDE_EXCLUSIVE
-    ):
+    if not (MIN_SIDE_EXCLUSIVE < width < MAX_SIDE_EXCLUSIVE and MIN_SIDE_EXCLUSIVE < height < MAX_SIDE_EXCLUSIVE):
         raise ImageError(
             f"image is {width}x{height} px; each side must be between {MIN_SIDE_EXCLUSIVE} and "
             f"{MAX_SIDE_EXCLUSIVE} px (exclusive)"
@@ -225,3 +223,9 @@ def _parse_tiff(data: bytes, complete: bool) -> tuple[str, int, int] | None:
     if 256 not in dims or 257 not in dims:
         raise ImageError("tiff data has no image width or length")
     return "tiff", dims[256], dims[257]
+
+
+def to_data_uri(data: bytes) -> str:
+    """A data URI for raw image bytes, its format read from the bytes; ImageError when unreadable."""
+    fmt, _, _ = _parse_header(data, complete=True) or ("", 0, 0)
+    return f"data:image/{fmt};base64,{binascii.b2a_base64(data, newline=False).decode('ascii')}"

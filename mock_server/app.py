@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ValidationError
 
+from contracts import validation_message
 from contracts.api import MODEL_NAME, SUBMIT_PATH, TASK_RESULT_PATH, SubmitRequest, TaskStatus
 from mock_server.state import Endpoint, Faults, MockConfig, MockState, Task, iso
 
@@ -61,16 +62,6 @@ def retry_after(seconds: float) -> str:
     if seconds >= 1:
         return str(math.ceil(seconds))
     return f"{max(seconds, 0.001):.3f}"
-
-
-def validation_message(exc: ValidationError) -> str:
-    """`field: problem` for each error, never echoing the input (it may be a 30 MB image)."""
-    parts = []
-    for err in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
 
 
 class MockApp:
@@ -199,9 +190,7 @@ class MockApp:
         state = self.state
         verdict = state.check_quota(request)
         if verdict is not None:
-            return error(
-                429, "RATE_LIMIT_EXCEEDED", verdict.message, {"Retry-After": retry_after(verdict.retry_after)}
-            )
+            return error(429, "RATE_LIMIT_EXCEEDED", verdict.message, {"Retry-After": retry_after(verdict.retry_after)})
         task = state.create_task(request)
         entry["task_id"] = task.task_id
         return json_response(200, {"task_id": task.task_id})

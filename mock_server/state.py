@@ -254,9 +254,7 @@ class MockState:
             used = used if used_day == day else 0
             if used + request.tokens() > quota.daily_tokens:
                 next_day = self._epoch + (day + 1) * day_length
-                return QuotaVerdict(
-                    f"{tier} tier daily budget of {quota.daily_tokens} tokens is spent", next_day - now
-                )
+                return QuotaVerdict(f"{tier} tier daily budget of {quota.daily_tokens} tokens is spent", next_day - now)
         return None
 
     def _count_submit(self, task: Task) -> None:

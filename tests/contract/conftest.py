@@ -43,9 +43,7 @@ async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
     if live is None:
         pytest.skip("live API target: set SEEDANCE_CONTRACT_LIVE=1 and SEEDANCE_API_KEY to run it")
     base_url, key = live
-    async with httpx.AsyncClient(
-        base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
-    ) as api:
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api:
         yield Target("live", api, key, None, poll_interval=10, poll_timeout=900)
 
 

@@ -19,8 +19,13 @@ IMAGE = data_uri(png(640, 360))
 
 
 def body(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"image": IMAGE, "prompt": "a paper boat drifts across a pond", "duration": 4,
-                            "resolution": "480p", "generate_audio": False}
+    base: dict[str, Any] = {
+        "image": IMAGE,
+        "prompt": "a paper boat drifts across a pond",
+        "duration": 4,
+        "resolution": "480p",
+        "generate_audio": False,
+    }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not ...}
 
@@ -163,8 +168,11 @@ async def test_a_task_forced_to_fail_ends_failed_with_a_reason(target: Target) -
 @pytest.mark.mock_only
 async def test_a_task_passes_through_queued_and_processing_with_rising_progress(target: Target) -> None:
     control = mock_control(target)
-    config = {"queue_seconds": {"default": 20, "flex": 20}, "render_seconds": {"default": 200, "flex": 200},
-              "jitter": 0}
+    config = {
+        "queue_seconds": {"default": 20, "flex": 20},
+        "render_seconds": {"default": 200, "flex": 200},
+        "jitter": 0,
+    }
     (await control.post("/_mock/config", json=config)).raise_for_status()
     task_id = await submit(target, body())
     seen = await poll_until_finished(target, task_id)

@@ -22,8 +22,10 @@ async def set_faults(target: Target, **faults: object) -> None:
     (await mock_control(target).post("/_mock/faults", json=faults)).raise_for_status()
 
 
-@pytest.mark.parametrize(("status", "reason"), [("500", "INTERNAL_SERVER_ERROR"), ("503", "SERVICE_NOT_AVAILABLE"),
-                                                ("429", "RATE_LIMIT_EXCEEDED")])
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [("500", "INTERNAL_SERVER_ERROR"), ("503", "SERVICE_NOT_AVAILABLE"), ("429", "RATE_LIMIT_EXCEEDED")],
+)
 async def test_an_injected_status_answers_with_the_flat_error_body(target: Target, status: str, reason: str) -> None:
     await set_faults(target, status_rates={status: 1.0}, retry_after=2)
     response = await target.api.post(SUBMIT_PATH, json=body())
@@ -99,8 +101,11 @@ async def test_the_journal_lists_requests_and_tasks_with_poll_counts(target: Tar
     await target.api.get(TASK_RESULT_PATH, params={"task_id": "nope"})
     requests = (await control.get("/_mock/requests")).json()["requests"]
     assert [(r["method"], r["endpoint"], r["status"]) for r in requests] == [
-        ("POST", "submit", 200), ("GET", "task-result", 200), ("GET", "task-result", 200),
-        ("GET", "task-result", 404)]
+        ("POST", "submit", 200),
+        ("GET", "task-result", 200),
+        ("GET", "task-result", 200),
+        ("GET", "task-result", 404),
+    ]
     assert all(r["time"].endswith("Z") for r in requests)
     (task,) = (await control.get("/_mock/tasks")).json()["tasks"]
     assert task["task_id"] == task_id
@@ -148,8 +153,9 @@ async def test_the_committed_openapi_document_is_served(target: Target) -> None:
 async def test_the_same_seed_gives_the_same_task_ids_and_timings() -> None:
     async def run() -> list[tuple[str, str]]:
         app = create_app(MockConfig(time_scale=0.001), seed=42)
-        async with httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://m",
-                                     headers={"Authorization": "Bearer k"}) as client:
+        async with httpx.AsyncClient(
+            transport=InProcessTransport(app), base_url="http://m", headers={"Authorization": "Bearer k"}
+        ) as client:
             for _ in range(5):
                 (await client.post(SUBMIT_PATH, json=body())).raise_for_status()
         return [(t.task_id, f"{t.render_s:.9f}") for t in app.state.tasks.values()]

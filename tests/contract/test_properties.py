@@ -18,21 +18,52 @@ from mock_server.testing import InProcessTransport
 from tests.imaging import data_uri, png
 
 VALID = {"image": data_uri(png(640, 360)), "prompt": "boat"}
-FIELDS = ["image", "prompt", "last_image", "fps", "seed", "ratio", "duration", "resolution", "watermark",
-          "camera_fixed", "generate_audio", "service_tier", "execution_expires_after", "colour"]
+FIELDS = [
+    "image",
+    "prompt",
+    "last_image",
+    "fps",
+    "seed",
+    "ratio",
+    "duration",
+    "resolution",
+    "watermark",
+    "camera_fixed",
+    "generate_audio",
+    "service_tier",
+    "execution_expires_after",
+    "colour",
+]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**40), max_value=2**40) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**40), max_value=2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )
-field_values = (
-    json_values
-    | st.sampled_from([24, 4, 12, 3600, 259200, "720p", "flex", "16:9", "https://example.com/a.png",
-                       VALID["image"], "data:image/png;base64,AAAA", True, False, -1, 4294967295])
+field_values = json_values | st.sampled_from(
+    [
+        24,
+        4,
+        12,
+        3600,
+        259200,
+        "720p",
+        "flex",
+        "16:9",
+        "https://example.com/a.png",
+        VALID["image"],
+        "data:image/png;base64,AAAA",
+        True,
+        False,
+        -1,
+        4294967295,
+    ]
 )
-bodies = st.fixed_dictionaries({}, optional={name: field_values for name in FIELDS}).map(
+bodies = st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, field_values)).map(
     lambda extra: {**VALID, **extra}
 ) | st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=6)
 
@@ -40,8 +71,9 @@ bodies = st.fixed_dictionaries({}, optional={name: field_values for name in FIEL
 def _client(runner: asyncio.Runner) -> tuple[httpx.AsyncClient, Any]:
     config = MockConfig(time_scale=0.001, model_rpm=None, quotas={"default": {}, "flex": {}})
     app = create_app(config, seed=1)
-    client = httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://m",
-                               headers={"Authorization": "Bearer k"})
+    client = httpx.AsyncClient(
+        transport=InProcessTransport(app), base_url="http://m", headers={"Authorization": "Bearer k"}
+    )
     return client, app
 
 

@@ -17,21 +17,36 @@ URL = "https://example.com/first.png"
 
 def test_defaults_follow_the_reference_page() -> None:
     wire = SubmitRequest(image=URL, prompt="p").wire()
-    assert wire == {"image": URL, "prompt": "p", "fps": 24, "ratio": "adaptive", "duration": 5,
-                    "resolution": "720p", "watermark": False, "camera_fixed": False, "generate_audio": True,
-                    "service_tier": "default", "execution_expires_after": 172800}
+    assert wire == {
+        "image": URL,
+        "prompt": "p",
+        "fps": 24,
+        "ratio": "adaptive",
+        "duration": 5,
+        "resolution": "720p",
+        "watermark": False,
+        "camera_fixed": False,
+        "generate_audio": True,
+        "service_tier": "default",
+        "execution_expires_after": 172800,
+    }
 
 
-@pytest.mark.parametrize(("resolution", "duration", "tokens"), [("720p", 5, 108900), ("480p", 4, 864 * 496 * 97 // 1024)])
+@pytest.mark.parametrize(
+    ("resolution", "duration", "tokens"), [("720p", 5, 108900), ("480p", 4, 864 * 496 * 97 // 1024)]
+)
 def test_tokens_follow_the_documented_formula(resolution: str, duration: int, tokens: int) -> None:
     request = SubmitRequest(image=URL, prompt="p", resolution=resolution, duration=duration)  # type: ignore[arg-type]
     assert request.tokens() == tokens
 
 
 def test_a_task_result_reads_ttl_as_string_or_int_and_ignores_unknown_fields() -> None:
-    raw: dict[str, Any] = {"task": {"task_id": "t", "status": "TASK_STATUS_SUCCEED", "new_field": 1},
-                           "videos": [{"video_url": "https://v/x.mp4", "video_url_ttl": "3600"}],
-                           "extra": {"seed": "5", "debug_info": {"submit_time_ms": "17"}}, "surprise": True}
+    raw: dict[str, Any] = {
+        "task": {"task_id": "t", "status": "TASK_STATUS_SUCCEED", "new_field": 1},
+        "videos": [{"video_url": "https://v/x.mp4", "video_url_ttl": "3600"}],
+        "extra": {"seed": "5", "debug_info": {"submit_time_ms": "17"}},
+        "surprise": True,
+    }
     result = TaskResult.model_validate(raw)
     assert result.videos[0].video_url_ttl == 3600
     raw["videos"][0]["video_url_ttl"] = 7200
@@ -56,18 +71,21 @@ def test_other_job_ids_are_rejected(job_id: str) -> None:
 
 
 def test_created_at_must_carry_an_offset() -> None:
-    ok = JobMessage.model_validate({"job_id": "j", "request": {"image": URL, "prompt": "p"},
-                                    "created_at": "2026-01-01T00:00:00Z"})
+    ok = JobMessage.model_validate(
+        {"job_id": "j", "request": {"image": URL, "prompt": "p"}, "created_at": "2026-01-01T00:00:00Z"}
+    )
     assert ok.created_at == datetime(2026, 1, 1, tzinfo=UTC)
     with pytest.raises(ValidationError, match="timezone"):
-        JobMessage.model_validate({"job_id": "j", "request": {"image": URL, "prompt": "p"},
-                                   "created_at": "2026-01-01T00:00:00"})
+        JobMessage.model_validate(
+            {"job_id": "j", "request": {"image": URL, "prompt": "p"}, "created_at": "2026-01-01T00:00:00"}
+        )
 
 
 def test_large_metadata_is_rejected() -> None:
     with pytest.raises(ValidationError, match="metadata"):
-        JobMessage.model_validate({"job_id": "j", "request": {"image": URL, "prompt": "p"},
-                                   "metadata": {"blob": "x" * 20_000}})
+        JobMessage.model_validate(
+            {"job_id": "j", "request": {"image": URL, "prompt": "p"}, "metadata": {"blob": "x" * 20_000}}
+        )
 
 
 def test_a_misspelt_job_field_is_rejected() -> None:

@@ -28,7 +28,11 @@ def test_each_format_reports_its_pixel_size(fmt: str) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [imaging.webp_vp8l(700, 500), imaging.tiff(700, 500, big_endian=True), imaging.jpeg(700, 500, app_padding=60_000)],
+    [
+        imaging.webp_vp8l(700, 500),
+        imaging.tiff(700, 500, big_endian=True),
+        imaging.jpeg(700, 500, app_padding=60_000),
+    ],
     ids=["webp-lossless", "tiff-big-endian", "jpeg-with-deep-frame-header"],
 )
 def test_less_common_layouts_are_read(data: bytes) -> None:
@@ -36,10 +40,20 @@ def test_less_common_layouts_are_read(data: bytes) -> None:
     assert (info.width, info.height) == (700, 500)
 
 
-@pytest.mark.parametrize(("width", "height", "ok"), [
-    (301, 301, True), (300, 400, False), (400, 300, False), (5999, 5000, True), (6000, 5000, False),
-    (1000, 401, True), (1000, 400, False), (2490, 1000, True), (2500, 1000, False),
-])
+@pytest.mark.parametrize(
+    ("width", "height", "ok"),
+    [
+        (301, 301, True),
+        (300, 400, False),
+        (400, 300, False),
+        (5999, 5000, True),
+        (6000, 5000, False),
+        (1000, 401, True),
+        (1000, 400, False),
+        (2490, 1000, True),
+        (2500, 1000, False),
+    ],
+)
 def test_sides_and_aspect_ratio_bounds_are_exclusive(width: int, height: int, ok: bool) -> None:
     uri = data_uri(imaging.gif(width, height), "gif")
     if ok:
@@ -57,15 +71,18 @@ def test_an_image_of_30_mb_or_more_is_rejected_without_decoding_it() -> None:
     inspect_data_uri(data_uri(head + b"\x00" * (MAX_BYTES - len(head) - 3)))
 
 
-@pytest.mark.parametrize(("uri", "message"), [
-    ("data:image/svg+xml;base64,AAAA", "not one of"),
-    ("data:text/plain;base64,AAAA", "data:image/<format>"),
-    ("data:image/png;base64,", "no data"),
-    ("data:image/png;base64,AAA", "multiple of 4"),
-    ("data:image/png;base64,@@@@", "not valid base64"),
-    (data_uri(b"hello, this is text, not an image"), "not a readable"),
-    (data_uri(imaging.png(640, 360)[:20]), "truncated"),
-])
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("data:image/svg+xml;base64,AAAA", "not one of"),
+        ("data:text/plain;base64,AAAA", "data:image/<format>"),
+        ("data:image/png;base64,", "no data"),
+        ("data:image/png;base64,AAA", "multiple of 4"),
+        ("data:image/png;base64,@@@@", "not valid base64"),
+        (data_uri(b"hello, this is text, not an image"), "not a readable"),
+        (data_uri(imaging.png(640, 360)[:20]), "truncated"),
+    ],
+)
 def test_broken_data_uris_get_a_clear_message(uri: str, message: str) -> None:
     with pytest.raises(ImageError, match=message):
         inspect_data_uri(uri)

@@ -1,0 +1,127 @@
+"""The API as the worker sees it: one request per call, every failure mapped onto `worker.errors`.
+
+Retrying is the caller's business (it knows the job's deadline); this module only says what happened.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from contracts.api import SUBMIT_PATH, TASK_RESULT_PATH, ErrorBody, SubmitRequest, SubmitResponse, TaskResult
+from worker.errors import (
+    ApiError,
+    ConfigurationFault,
+    PermanentApiError,
+    RateLimited,
+    TaskNotFound,
+    TransientApiError,
+)
+from worker.metrics import Metrics
+
+MAX_MESSAGE = 500
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds (decimals accepted) or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    reference = now if now is not None else time.time()
+    return max(0.0, when.timestamp() - reference)
+
+
+def error_from_response(endpoint: str, response: httpx.Response) -> ApiError:
+    """The error a non-200 answer stands for (see the tree in worker.errors)."""
+    status = response.status_code
+    try:
+        body = ErrorBody.model_validate_json(response.content)
+        reason, message = body.reason, body.message[:MAX_MESSAGE]
+    except ValidationError:
+        reason, message = "", response.text[:MAX_MESSAGE] or response.reason_phrase
+    if status == 429:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        return RateLimited(endpoint, message, status=status, reason=reason, retry_after=retry_after)
+    if status in (401, 403) or (status == 404 and endpoint == "submit"):
+        return ConfigurationFault(endpoint, message, status=status, reason=reason)
+    if status == 404:
+        return TaskNotFound(endpoint, message, status=status, reason=reason)
+    if status >= 500 or status == 408:
+        return TransientApiError(endpoint, message, status=status, reason=reason)
+    return PermanentApiError(endpoint, message, status=status, reason=reason)
+
+
+class ApiClient:
+    """Calls the two endpoints with the current key. `api_key` is asked on every call, so a rotated key
+    file takes effect without a restart."""
+
+    def __init__(self, client: httpx.AsyncClient, api_key: Callable[[], str | None], metrics: Metrics) -> None:
+        self._client = client
+        self._api_key = api_key
+        self._metrics = metrics
+
+    async def submit(self, request: SubmitRequest) -> str:
+        """Submit one task and return its id."""
+        response = await self._send("submit", "POST", SUBMIT_PATH, json=request.wire())
+        try:
+            return SubmitResponse.model_validate_json(response.content).task_id
+        except ValidationError:
+            # The task may exist even though its id was lost; the caller retries (documented risk).
+            raise TransientApiError("submit", "answer is not a task id", status=None, reason="malformed") from None
+
+    async def task_result(self, task_id: str) -> TaskResult:
+        response = await self._send("task-result", "GET", TASK_RESULT_PATH, params={"task_id": task_id})
+        try:
+            return TaskResult.model_validate_json(response.content)
+        except ValidationError:
+            raise TransientApiError("task-result", "answer is not a task result", reason="malformed") from None
+
+    async def check_access(self) -> None:
+        """Raise ConfigurationFault while the key, account or model is unusable.
+
+        Sends an empty submit: a working key on an existing model gets 400 (nothing is created, nothing
+        billed); a bad key 401/403, a missing model 404.
+        """
+        try:
+            await self._send("submit", "POST", SUBMIT_PATH, json={})
+        except PermanentApiError:
+            return
+
+    async def _send(self, endpoint: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        key = self._api_key()
+        if not key:
+            raise ConfigurationFault(endpoint, "no API key configured", reason="NO_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"}
+        started = time.perf_counter()
+        try:
+            response = await self._client.request(method, path, headers=headers, **kwargs)
+        except httpx.TimeoutException:
+            self._observe(endpoint, "timeout", started)
+            raise TransientApiError(endpoint, "request timed out", reason="timeout") from None
+        except httpx.TransportError as exc:
+            self._observe(endpoint, "transport", started)
+            raise TransientApiError(endpoint, type(exc).__name__, reason="transport") from None
+        self._observe(endpoint, str(response.status_code), started)
+        if response.status_code != 200:
+            raise error_from_response(endpoint, response)
+        return response
+
+    def _observe(self, endpoint: str, code: str, started: float) -> None:
+        self._metrics.api_requests.labels(endpoint, code).inc()
+        self._metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)

@@ -1,0 +1,52 @@
+"""Completion events, built from a job's tracking state. Pure functions; publishing is the consumer's."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from contracts.api import TaskResult
+from contracts.messages import EventError, EventStatus, JobEvent
+from worker.tracking import TrackingState
+
+
+def event(
+    state: TrackingState,
+    status: EventStatus,
+    now: datetime,
+    *,
+    error: EventError | None = None,
+    progress: int | None = None,
+    result: TaskResult | None = None,
+) -> JobEvent:
+    """The event of `status` for this job as it stands at `now`."""
+    video_url = expires_at = None
+    billed = None
+    if result is not None and result.videos:
+        video = result.videos[0]
+        video_url = video.video_url
+        expires_at = now + timedelta(seconds=video.video_url_ttl)
+        billed = state.tokens
+    terminal = status in ("succeeded", "failed", "expired", "rejected")
+    return JobEvent(
+        job_id=state.job_id,
+        status=status,
+        task_id=state.task_id,
+        service_tier=state.tier,
+        video_url=video_url,
+        video_url_expires_at=expires_at,
+        progress_percent=progress,
+        error=error,
+        metadata=state.metadata,
+        created_at=state.created_at,
+        deadline=state.deadline,
+        submitted_at=state.submitted_at,
+        finished_at=now if terminal else None,
+        emitted_at=now,
+        attempts=state.attempts,
+        polls=state.polls,
+        billed_tokens=billed,
+    )
+
+
+def error(code: str, message: str) -> EventError:
+    return EventError(code=code, message=message[:1000])

@@ -1,0 +1,320 @@
+"""The job logic, free of the broker: what to do with a job message and with a tracking state.
+
+Each call returns an outcome for the consumer to carry out (publish, then ack):
+
+- `Track`: publish this tracking state to come back after `delay` seconds (and these events);
+- `Finish`: publish this terminal event;
+- `Defer`: put the job back in its queue untouched (a limit or back-off would hold it too long).
+
+Invalid messages raise `InvalidJob`, auth/account faults raise `ConfigurationFault` (see worker.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from pydantic import ValidationError
+
+from contracts import validation_message
+from contracts.api import EXPIRES_MAX, EXPIRES_MIN, ServiceTier, TaskResult, TaskStatus
+from contracts.messages import JOB_ID_PATTERN, JobEvent, JobMessage
+from worker import events
+from worker.api_client import ApiClient
+from worker.backoff import backoff_delay
+from worker.errors import (
+    ConfigurationFault,
+    InvalidJob,
+    PermanentApiError,
+    RateLimited,
+    TaskNotFound,
+    TransientApiError,
+)
+from worker.limits import TierLimits
+from worker.metrics import Metrics
+from worker.settings import Settings
+from worker.tracking import PollSchedule, TrackingState, capped
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(rb'"job_id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
+NOT_FOUND_LIMIT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the handler needs of a job message, read off the AMQP delivery by the consumer."""
+
+    body: bytes
+    tier: ServiceTier
+    timestamp: datetime | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    state: TrackingState
+    delay: float
+    events: tuple[JobEvent, ...] = ()
+    slot: TierLimits | None = None  # released by the consumer once the state is confirmed
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    state: TrackingState
+    event: JobEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    reason: str
+    created_at: datetime
+    attempts: int
+
+
+Outcome = Track | Finish | Defer
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _never_interrupted(seconds: float) -> bool:
+    await asyncio.sleep(seconds)
+    return True
+
+
+class JobHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        api: ApiClient,
+        limits: Mapping[ServiceTier, TierLimits],
+        metrics: Metrics,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], Awaitable[bool]] = _never_interrupted,
+    ) -> None:
+        """`sleep(seconds)` returns False when interrupted (the worker is stopping)."""
+        self._settings = settings
+        self._api = api
+        self._limits = limits
+        self._metrics = metrics
+        self._schedule = PollSchedule(settings)
+        self._clock = clock
+        self._sleep = sleep
+
+    # Jobs
+    def parse(self, delivery: Delivery) -> tuple[JobMessage, TrackingState]:
+        """The job in a message and its initial tracking state; InvalidJob when it is no valid job."""
+        body = delivery.body
+        if len(body) > self._settings.max_message_bytes:
+            found = _JOB_ID.search(body[:4096])
+            raise InvalidJob(
+                "oversize",
+                f"message is {len(body)} bytes; at most {self._settings.max_message_bytes} accepted "
+                "(pass large images as URLs)",
+                found.group(1).decode() if found else None,
+            )
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidJob("invalid_json", f"message is not JSON: {exc.__class__.__name__}") from None
+        job_id = data.get("job_id") if isinstance(data, dict) else None
+        if not (isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id)):
+            job_id = None
+        if not isinstance(data, dict):
+            raise InvalidJob("schema", "message must be a JSON object", None)
+        try:
+            job = JobMessage.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidJob("schema", validation_message(exc), job_id) from None
+        created = job.created_at or delivery.timestamp or self._clock()
+        request = job.request
+        state = TrackingState(
+            job_id=job.job_id,
+            tier=request.service_tier,
+            created_at=created,
+            deadline=created + timedelta(seconds=request.execution_expires_after),
+            duration=request.duration,
+            resolution=request.resolution,
+            generate_audio=request.generate_audio,
+            tokens=request.tokens(),
+            metadata=job.metadata,
+            reply_to=delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+            attempts=delivery.attempts,
+        )
+        return job, state
+
+    async def handle_job(self, delivery: Delivery) -> Outcome:
+        job, state = self.parse(delivery)
+        if job.request.service_tier != delivery.tier:
+            log.info("job runs in the tier its request names", extra={"job_id": job.job_id, "tier": state.tier})
+        if self._clock() >= state.deadline:
+            return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
+        return await self._submit(job, state)
+
+    async def _submit(self, job: JobMessage, state: TrackingState) -> Outcome:
+        settings = self._settings
+        limits = self._limits[state.tier]
+        held = 0.0
+        failures = 0
+        while True:
+            wait = limits.try_acquire(state.tokens)
+            if wait > 0:
+                if held + wait > settings.max_hold_seconds:
+                    return Defer("tier limit reached", state.created_at, state.attempts)
+                step = min(wait, settings.in_flight_refresh_seconds)
+                if not await self._sleep(step):
+                    return Defer("worker stopping", state.created_at, state.attempts)
+                held += step
+                continue
+            now = self._clock()
+            if now >= state.deadline:
+                limits.release(tracked=False)
+                return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
+            window = min(EXPIRES_MAX, max(EXPIRES_MIN, math.ceil((state.deadline - now).total_seconds())))
+            request = job.request.model_copy(update={"execution_expires_after": window})
+            state = state.model_copy(update={"attempts": state.attempts + 1})
+            try:
+                task_id = await self._api.submit(request)
+            except RateLimited as exc:
+                limits.release(tracked=False)
+                self._metrics.api_retries.labels("submit", "429").inc()
+                limits.block_for(
+                    exc.retry_after
+                    or backoff_delay(1, base=settings.retry_base_seconds, cap=settings.retry_max_seconds)
+                )
+                continue
+            except TransientApiError as exc:
+                limits.release(tracked=False)
+                failures += 1
+                if failures >= settings.submit_max_attempts:
+                    return self._finish(state, "failed", "RETRIES_EXHAUSTED", f"{failures} attempts failed: {exc}")
+                delay = backoff_delay(
+                    failures,
+                    base=settings.retry_base_seconds,
+                    cap=settings.retry_max_seconds,
+                    retry_after=exc.retry_after,
+                )
+                if now + timedelta(seconds=delay) >= state.deadline:
+                    return self._finish(
+                        state, "expired", "DEADLINE_EXCEEDED", f"no retry fits before the deadline: {exc}"
+                    )
+                if held + delay > settings.max_hold_seconds:
+                    return Defer("back-off longer than the hold limit", state.created_at, state.attempts)
+                self._metrics.api_retries.labels("submit", exc.label).inc()
+                log.warning("submit failed, retrying in %.1f s: %s", delay, exc, extra={"job_id": state.job_id})
+                if not await self._sleep(delay):
+                    return Defer("worker stopping", state.created_at, state.attempts)
+                held += delay
+                continue
+            except PermanentApiError as exc:
+                limits.release(tracked=False)
+                return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
+            except BaseException:
+                limits.release(tracked=False)
+                raise
+            submitted_at = self._clock()
+            state = state.model_copy(update={"task_id": task_id, "submitted_at": submitted_at})
+            first = self._schedule.first_delay(state)
+            next_poll = capped(submitted_at, first, state.deadline)
+            state = state.model_copy(update={"next_poll_at": next_poll, "interval": first})
+            self._metrics.queue_wait.labels(state.tier).observe((submitted_at - state.created_at).total_seconds())
+            delay = (next_poll - submitted_at).total_seconds()
+            return Track(state, delay, (events.event(state, "submitted", submitted_at),), slot=limits)
+
+    # Tracking
+    async def handle_tracking(self, state: TrackingState) -> Track | Finish:
+        """Poll the task if it is due (else send the state on for the rest of its wait)."""
+        now = self._clock()
+        if state.next_poll_at is not None:
+            early = (state.next_poll_at - now).total_seconds()
+            if early * 1000 > self._settings.tracking_delays_ms[0] / 2:
+                return Track(state, early)
+        if state.task_id is None:  # cannot happen for states this worker wrote; fail loudly, not silently
+            return self._finish(state, "failed", "INVALID_STATE", "tracking state without a task id")
+        try:
+            result = await self._api.task_result(state.task_id)
+        except TaskNotFound as exc:
+            state = state.model_copy(update={"poll_errors": state.poll_errors + 1})
+            if state.poll_errors >= NOT_FOUND_LIMIT:
+                return self._finish(state, "failed", exc.reason or "TASK_NOT_FOUND", exc.message)
+            return self._retry_poll(state, now, None)
+        except TransientApiError as exc:
+            self._metrics.api_retries.labels("task-result", exc.label).inc()
+            state = state.model_copy(update={"poll_errors": state.poll_errors + 1})
+            return self._retry_poll(state, now, exc.retry_after)
+        finally:
+            self._metrics.polls.labels(state.tier).inc()
+        state = state.model_copy(update={"polls": state.polls + 1, "poll_errors": 0})
+        return self._after_poll(state, result, self._clock())
+
+    def _after_poll(self, state: TrackingState, result: TaskResult, now: datetime) -> Track | Finish:
+        task = result.task
+        if task.status is TaskStatus.SUCCEED:
+            if not result.videos:
+                return self._finish(state, "failed", "NO_VIDEO", "task succeeded without a video")
+            return Finish(state, events.event(state, "succeeded", now, result=result))
+        if task.status is TaskStatus.FAILED:
+            reason = task.reason or "the API reported the task failed"
+            if self._settings.expired_reason_marker.lower() in reason.lower():
+                return self._finish(state, "expired", "TASK_EXPIRED", reason)
+            return self._finish(state, "failed", "TASK_FAILED", reason)
+        if now >= state.deadline:
+            return self._finish(
+                state, "expired", "DEADLINE_EXCEEDED", f"task still {task.status.value} at the deadline"
+            )
+        published: tuple[JobEvent, ...] = ()
+        if task.progress_percent != state.progress:
+            last = state.progress_event_at
+            if last is None or (now - last).total_seconds() >= self._settings.progress_interval_seconds:
+                published = (events.event(state, "progress", now, progress=task.progress_percent),)
+                state = state.model_copy(update={"progress_event_at": now})
+            state = state.model_copy(update={"progress": task.progress_percent})
+        delay = self._schedule.next_delay(state, result, now)
+        next_poll = capped(now, delay, state.deadline)
+        state = state.model_copy(update={"next_poll_at": next_poll, "interval": delay})
+        return Track(state, (next_poll - now).total_seconds(), published)
+
+    def _retry_poll(self, state: TrackingState, now: datetime, retry_after: float | None) -> Track | Finish:
+        if now >= state.deadline:
+            return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed while the API was failing")
+        low, high = self._settings.poll_bounds(state.tier)
+        delay = backoff_delay(state.poll_errors, base=low, cap=high, retry_after=retry_after)
+        next_poll = capped(now, delay, state.deadline)
+        state = state.model_copy(update={"next_poll_at": next_poll})
+        return Track(state, (next_poll - now).total_seconds())
+
+    def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
+        return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
+
+    def rejected_event(self, error: InvalidJob, tier: ServiceTier) -> JobEvent | None:
+        """The `rejected` event of an invalid message whose job_id could be read."""
+        if error.job_id is None:
+            return None
+        now = self._clock()
+        state = TrackingState(
+            job_id=error.job_id,
+            tier=tier,
+            created_at=now,
+            deadline=now,
+            duration=0,
+            resolution="",
+            generate_audio=False,
+            tokens=0,
+        )
+        return events.event(state, "rejected", now, error=events.error("INVALID_JOB", error.message))
+
+
+__all__ = ["ConfigurationFault", "Defer", "Delivery", "Finish", "JobHandler", "Outcome", "Track"]

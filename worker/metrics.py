@@ -1,0 +1,136 @@
+"""Every Prometheus metric of the worker, built against an injected registry.
+
+Names and labels are part of the product (PRODUCT.md); labels come from small fixed sets, never ids.
+Label values are pre-initialised so dashboards show zeros instead of gaps.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from contracts.messages import TIERS
+
+TERMINAL = ("succeeded", "failed", "expired", "rejected")
+REJECT_REASONS = ("invalid_json", "schema", "oversize")
+ENDPOINTS = ("submit", "task-result")
+RESOLUTIONS = ("480p", "720p", "1080p")
+# Queue waits run from seconds (default) to hours (flex); durations add the render time.
+WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 90, 120, 180, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400, 172800)
+API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.jobs_received = Counter(
+            "seedance_jobs_received", "Job messages taken from the tier queues.", ["tier"], registry=registry
+        )
+        self.jobs_completed = Counter(
+            "seedance_jobs_completed",
+            "Jobs that reached a terminal status.",
+            ["tier", "status"],
+            registry=registry,
+        )
+        self.jobs_rejected = Counter(
+            "seedance_jobs_rejected",
+            "Messages dead-lettered because they are no valid job.",
+            ["reason"],
+            registry=registry,
+        )
+        self.tasks_in_flight = Gauge(
+            "seedance_tasks_in_flight",
+            "Submitted, unfinished tasks, counted in the broker (all replicas).",
+            ["tier"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "seedance_job_queue_wait_seconds",
+            "From job creation to the API accepting it.",
+            ["tier"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.job_duration = Histogram(
+            "seedance_job_duration_seconds",
+            "From job creation to its terminal event.",
+            ["tier", "status"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "seedance_api_requests",
+            "Requests to the API by answer (status code, or timeout/reset/transport).",
+            ["endpoint", "code"],
+            registry=registry,
+        )
+        self.api_duration = Histogram(
+            "seedance_api_request_duration_seconds",
+            "Latency of API requests.",
+            ["endpoint"],
+            buckets=API_BUCKETS,
+            registry=registry,
+        )
+        self.api_retries = Counter(
+            "seedance_api_retries",
+            "API requests to be sent again, by why.",
+            ["endpoint", "reason"],
+            registry=registry,
+        )
+        self.polls = Counter("seedance_polls", "Task-result requests for tracked tasks.", ["tier"], registry=registry)
+        self.video_seconds = Counter(
+            "seedance_video_seconds",
+            "Seconds of video generated successfully (billed).",
+            ["tier", "resolution"],
+            registry=registry,
+        )
+        self.billed_tokens = Counter(
+            "seedance_billed_tokens",
+            "Tokens of successful videos (the API's billing unit).",
+            ["tier", "audio"],
+            registry=registry,
+        )
+        self.worker_ready = Gauge(
+            "seedance_worker_ready",
+            "1 when this worker takes jobs, 0 when not (broker down, auth fault, stopping).",
+            registry=registry,
+        )
+        self.tier_limit = Gauge(
+            "seedance_tier_limit",
+            "Configured limits per tier, for dashboards.",
+            ["tier", "limit"],
+            registry=registry,
+        )
+        self.consumer_paused = Gauge(
+            "seedance_consumer_paused",
+            "1 while the tier's job queue is not consumed (limit reached).",
+            ["tier"],
+            registry=registry,
+        )
+        self.events_published = Counter(
+            "seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry
+        )
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for tier in TIERS:
+            self.jobs_received.labels(tier)
+            self.tasks_in_flight.labels(tier)
+            self.queue_wait.labels(tier)
+            self.polls.labels(tier)
+            self.consumer_paused.labels(tier)
+            for status in TERMINAL:
+                self.jobs_completed.labels(tier, status)
+                self.job_duration.labels(tier, status)
+            for resolution in RESOLUTIONS:
+                self.video_seconds.labels(tier, resolution)
+            for audio in ("true", "false"):
+                self.billed_tokens.labels(tier, audio)
+        for reason in REJECT_REASONS:
+            self.jobs_rejected.labels(reason)
+        for endpoint in ENDPOINTS:
+            self.api_duration.labels(endpoint)
+            self.api_requests.labels(endpoint, "200")
+        for status in ("submitted", "progress", *TERMINAL):
+            self.events_published.labels(status)
+        self.worker_ready.set(0)

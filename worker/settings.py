@@ -1,0 +1,163 @@
+"""The worker's configuration: one frozen pydantic-settings class read once, from `SEEDANCE_*` variables.
+
+No other module reads the environment. `seedance-worker --help` prints every field below with its
+variable name, default and description; the README lists them too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from contracts.api import ServiceTier
+
+
+class Settings(BaseSettings):
+    """Everything the worker can be told. Every field maps to `SEEDANCE_<FIELD NAME IN CAPITALS>`."""
+
+    model_config = SettingsConfigDict(env_prefix="SEEDANCE_", frozen=True, extra="ignore")
+
+    # Where things are
+    amqp_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@localhost:5672/"),
+        description="RabbitMQ URL (may hold a password).",
+    )
+    api_base_url: str = Field(default="https://api.highwayapi.ai", description="Base URL of the video API.")
+    api_key: SecretStr | None = Field(default=None, description="API key; or use SEEDANCE_API_KEY_FILE.")
+    api_key_file: Path | None = Field(
+        default=None, description="File holding the API key; re-read after an auth fault (rotated secrets)."
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address for /metrics, /healthz, /readyz.")  # noqa: S104
+    metrics_port: int = Field(default=9100, ge=0, le=65535, description="Port for /metrics, /healthz, /readyz.")
+
+    # The API
+    api_timeout_seconds: float = Field(default=30.0, gt=0, description="Per-request timeout for API calls.")
+    submit_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        description="Submit attempts on 5xx/timeouts/resets before a job fails (429s don't count).",
+    )
+    retry_base_seconds: float = Field(default=1.0, gt=0, description="First back-off step; doubles per attempt.")
+    retry_max_seconds: float = Field(default=60.0, gt=0, description="Longest back-off step (before jitter).")
+    max_hold_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a job delivery is held waiting for a limit or back-off; past it the job goes back "
+        "to its queue (well under RabbitMQ's 30 min consumer_timeout).",
+    )
+    auth_retry_max_seconds: float = Field(
+        default=300.0, gt=0, description="Longest wait between checks of the key after an auth/account fault."
+    )
+
+    # Tier limits (per worker for RPM and tokens; tasks in flight are counted in the broker, for all replicas)
+    default_rpm: int = Field(default=600, ge=1, description="Submits per minute, default tier.")
+    flex_rpm: int = Field(default=600, ge=1, description="Submits per minute, flex tier.")
+    default_max_in_flight: int = Field(default=10, ge=1, description="Unfinished tasks, default tier.")
+    flex_max_in_flight: int = Field(default=1000, ge=1, description="Unfinished tasks, flex tier.")
+    default_daily_tokens: int | None = Field(default=None, ge=1, description="Tokens per UTC day, default tier.")
+    flex_daily_tokens: int | None = Field(default=500_000_000_000, ge=1, description="Tokens per UTC day, flex tier.")
+    default_prefetch: int = Field(default=8, ge=1, description="Jobs taken at once from the default queue.")
+    flex_prefetch: int = Field(default=4, ge=1, description="Jobs taken at once from the flex queue.")
+    tracking_prefetch: int = Field(default=32, ge=1, description="Tracking messages handled at once per tier.")
+    in_flight_refresh_seconds: float = Field(
+        default=1.0, gt=0, description="How often tasks in flight are recounted from the broker."
+    )
+
+    # Tracking
+    tracking_delays_ms: Annotated[tuple[int, ...], NoDecode] = Field(
+        default=(1000, 2000, 5000, 10000, 30000, 60000, 300000),
+        description="Delay levels of the tracking queues, comma-separated milliseconds; one queue per level.",
+    )
+    poll_scale: float = Field(
+        default=1.0, gt=0, description="Multiplies every poll interval and render estimate (tests use 0.001)."
+    )
+    default_expected_seconds: float = Field(
+        default=60.0, gt=0, description="Expected time to finish a 5 s 720p clip, default tier."
+    )
+    flex_expected_seconds: float = Field(
+        default=1800.0, gt=0, description="Expected time to finish a 5 s 720p clip, flex tier."
+    )
+    default_poll_min_seconds: float = Field(default=2.0, gt=0, description="Shortest poll interval, default.")
+    default_poll_max_seconds: float = Field(default=15.0, gt=0, description="Longest poll interval, default.")
+    flex_poll_min_seconds: float = Field(default=30.0, gt=0, description="Shortest poll interval, flex.")
+    flex_poll_max_seconds: float = Field(default=300.0, gt=0, description="Longest poll interval, flex.")
+    progress_interval_seconds: float = Field(
+        default=10.0, ge=0, description="Fewest seconds between two progress events of one job."
+    )
+    expired_reason_marker: str = Field(
+        default="expire", description="A FAILED reason containing this (any case) ends the job `expired`."
+    )
+
+    # Messages and the broker
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Larger job messages are rejected.")
+    delivery_limit: int = Field(
+        default=10, ge=1, description="Deliveries of one job before RabbitMQ dead-letters it (quorum queues)."
+    )
+    drain_timeout_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight work may finish before it is returned.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+    log_format: Literal["json", "text"] = Field(default="json", description="json lines or plain text.")
+
+    @field_validator("tracking_delays_ms", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return tuple(int(part) for part in value.split(",") if part.strip())
+            except ValueError:
+                raise ValueError("must be comma-separated whole milliseconds, e.g. 1000,5000,30000") from None
+        return value
+
+    @field_validator("tracking_delays_ms")
+    @classmethod
+    def _sorted_delays(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("needs at least one positive delay")
+        return tuple(sorted(set(value)))
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE, not both")
+        return self
+
+    # Per-tier views, so callers never spell "default_"/"flex_" themselves.
+    def rpm(self, tier: ServiceTier) -> int:
+        return self.default_rpm if tier == "default" else self.flex_rpm
+
+    def max_in_flight(self, tier: ServiceTier) -> int:
+        return self.default_max_in_flight if tier == "default" else self.flex_max_in_flight
+
+    def daily_tokens(self, tier: ServiceTier) -> int | None:
+        return self.default_daily_tokens if tier == "default" else self.flex_daily_tokens
+
+    def prefetch(self, tier: ServiceTier) -> int:
+        return self.default_prefetch if tier == "default" else self.flex_prefetch
+
+    def poll_bounds(self, tier: ServiceTier) -> tuple[float, float]:
+        if tier == "default":
+            bounds = (self.default_poll_min_seconds, self.default_poll_max_seconds)
+        else:
+            bounds = (self.flex_poll_min_seconds, self.flex_poll_max_seconds)
+        return bounds[0] * self.poll_scale, bounds[1] * self.poll_scale
+
+    def expected_seconds(self, tier: ServiceTier) -> float:
+        base = self.default_expected_seconds if tier == "default" else self.flex_expected_seconds
+        return base * self.poll_scale
+
+    def read_api_key(self) -> str | None:
+        """The key as it is now: from the variable, or freshly read from the file (which may rotate)."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text().strip() or None
+            except OSError:
+                return None
+        return None

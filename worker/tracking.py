@@ -1,0 +1,98 @@
+"""Task tracking without held deliveries: the state of a job lives in a RabbitMQ message that travels
+through delay queues (one per delay level, each with a queue-wide TTL that dead-letters back to the tier's
+tracking queue) until its task ends. This module holds that state and decides when the next poll is due.
+
+Why per-level queues: RabbitMQ only expires messages at the head of a queue, so per-message TTLs in one
+shared queue would let a long delay hold up every short one behind it. With one TTL per queue, every
+message in it expires in arrival order, exactly on time. A wait longer than the largest level, or between
+two levels, takes several hops: each hop lands, sees it is early, and goes out again for the rest.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.api import ServiceTier, TaskResult, TaskStatus
+from worker.settings import Settings
+
+RESOLUTION_FACTOR = {"480p": 0.6, "720p": 1.0, "1080p": 1.8}
+STATE_VERSION = 1
+
+
+class TrackingState(BaseModel):
+    """Everything needed to continue a job on any replica. It never holds the request's images.
+
+    `extra="ignore"` so a replica of an older version can still read a state written by a newer one
+    during a rolling update.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: int = STATE_VERSION
+    job_id: str
+    tier: ServiceTier
+    task_id: str | None = None
+    created_at: datetime
+    deadline: datetime
+    submitted_at: datetime | None = None
+    duration: int
+    resolution: str
+    generate_audio: bool
+    tokens: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    attempts: int = 0
+    polls: int = 0
+    poll_errors: int = 0
+    progress: int = 0
+    progress_event_at: datetime | None = None
+    interval: float = 0.0
+    next_poll_at: datetime | None = None
+
+
+class PollSchedule:
+    """When to poll a task: first when it could plausibly be done, then at intervals that follow what
+    the API reports (eta, progress), bounded per tier (default tight, flex loose), never past the deadline."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def expected_seconds(self, tier: ServiceTier, duration: int, resolution: str) -> float:
+        base = self._settings.expected_seconds(tier)
+        return base * duration / 5 * RESOLUTION_FACTOR.get(resolution, 1.0)
+
+    def first_delay(self, state: TrackingState) -> float:
+        """Seconds from submission to the first poll: 80 % of the expected time, at least the minimum."""
+        low, _ = self._settings.poll_bounds(state.tier)
+        return max(low, 0.8 * self.expected_seconds(state.tier, state.duration, state.resolution))
+
+    def next_delay(self, state: TrackingState, result: TaskResult, now: datetime) -> float:
+        """Seconds until the next poll of an unfinished task."""
+        low, high = self._settings.poll_bounds(state.tier)
+        task = result.task
+        if task.eta > 0:
+            guess = task.eta * self._settings.poll_scale
+        elif task.status is TaskStatus.PROCESSING and 0 < task.progress_percent < 100 and state.submitted_at:
+            elapsed = (now - state.submitted_at).total_seconds()
+            guess = elapsed * (100 - task.progress_percent) / task.progress_percent
+        elif state.interval > 0:
+            guess = state.interval * 1.5
+        else:
+            guess = low
+        return min(high, max(low, guess))
+
+
+def capped(now: datetime, delay: float, deadline: datetime) -> datetime:
+    """The moment `delay` seconds from now, but never later than the deadline."""
+    return min(now + timedelta(seconds=delay), deadline)
+
+
+def pick_delay_level(levels_ms: tuple[int, ...], seconds: float) -> int:
+    """The longest delay level that does not overshoot `seconds` (the shortest when all do)."""
+    wanted = seconds * 1000
+    fitting = [level for level in levels_ms if level <= wanted]
+    return fitting[-1] if fitting else levels_ms[0]
