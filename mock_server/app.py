@@ -332,6 +332,8 @@ def _injected_status(status: int, faults: Faults) -> Response:
     if status == 429:
         headers = {"Retry-After": retry_after(faults.retry_after)} if faults.retry_after is not None else None
         return error(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded (injected fault)", headers)
+    if status == 400:
+        return error(400, "INVALID_REQUEST_BODY", "request rejected (injected 400 fault)")
     reason = "SERVICE_NOT_AVAILABLE" if status == 503 else "INTERNAL_SERVER_ERROR"
     return error(status, reason, f"injected {status} fault")
 

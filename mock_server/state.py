@@ -103,7 +103,7 @@ class Faults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    status_rates: dict[Literal["429", "500", "502", "503", "504"], float] = Field(default_factory=dict)
+    status_rates: dict[Literal["400", "429", "500", "502", "503", "504"], float] = Field(default_factory=dict)
     retry_after: float | None = Field(default=1.0, ge=0, description="Retry-After (real s) on injected 429.")
     latency_ms: float = Field(default=0.0, ge=0, description="Added to every API request.")
     timeout_rate: float = Field(default=0.0, ge=0, le=1)

@@ -6,7 +6,7 @@ Label values are pre-initialised so dashboards show zeros instead of gaps.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from contracts.messages import TIERS
 
@@ -22,6 +22,8 @@ API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        # `*_created` series double the exposition and no dashboard reads them.
+        disable_created_metrics()
         self.registry = registry
         self.jobs_received = Counter(
             "seedance_jobs_received", "Job messages taken from the tier queues.", ["tier"], registry=registry

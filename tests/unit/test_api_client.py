@@ -1,0 +1,131 @@
+"""Every way the API can answer, mapped onto the worker's errors; against the mock in-process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from contracts.api import SubmitRequest
+from mock_server import MockConfig, create_app
+from mock_server.app import MockApp
+from mock_server.testing import InProcessTransport
+from worker.api_client import ApiClient, error_from_response, parse_retry_after
+from worker.errors import ConfigurationFault, PermanentApiError, RateLimited, TaskNotFound, TransientApiError
+from worker.metrics import Metrics
+
+REQUEST = SubmitRequest(image="https://example.com/a.png", prompt="boat")
+
+
+@pytest.fixture
+def app() -> MockApp:
+    return create_app(MockConfig(api_key="right", time_scale=0.001), seed=5)
+
+
+@pytest.fixture
+async def client(app: MockApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://mock", timeout=1) as http:
+        yield http
+
+
+def api(client: httpx.AsyncClient, key: str | None = "right") -> tuple[ApiClient, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    return ApiClient(client, lambda: key, metrics), metrics
+
+
+def fault(app: MockApp, **faults: object) -> None:
+    from mock_server import Faults  # noqa: PLC0415
+
+    app.state.set_faults(Faults.model_validate(faults))
+
+
+async def test_a_submit_returns_the_task_id_and_is_counted(client: httpx.AsyncClient, app: MockApp) -> None:
+    caller, metrics = api(client)
+    task_id = await caller.submit(REQUEST)
+    assert task_id in app.state.tasks
+    assert metrics.api_requests.labels("submit", "200")._value.get() == 1
+    result = await caller.task_result(task_id)
+    assert result.task.task_id == task_id
+
+
+@pytest.mark.parametrize(("key", "status"), [(None, None), ("wrong", 403)])
+async def test_a_missing_or_wrong_key_is_a_configuration_fault(
+    client: httpx.AsyncClient, key: str | None, status: int | None
+) -> None:
+    caller, _ = api(client, key)
+    with pytest.raises(ConfigurationFault) as caught:
+        await caller.submit(REQUEST)
+    assert caught.value.status == status
+    assert "wrong" not in str(caught.value), "the key never appears in an error"
+
+
+async def test_an_account_fault_is_a_configuration_fault(client: httpx.AsyncClient, app: MockApp) -> None:
+    fault(app, auth={"status": 403, "reason": "NOT_ENOUGH_BALANCE", "message": "top up"})
+    with pytest.raises(ConfigurationFault, match="NOT_ENOUGH_BALANCE"):
+        await api(client)[0].task_result("x")
+
+
+async def test_a_missing_model_is_a_configuration_fault(app: MockApp) -> None:
+    async with httpx.AsyncClient(transport=InProcessTransport(app)) as http:
+        response = await http.post("http://mock/v3/async/seedance-v9", json={}, headers={"Authorization": "Bearer right"})
+    error = error_from_response("submit", response)
+    assert isinstance(error, ConfigurationFault)
+    assert error.reason == "MODEL_NOT_FOUND"
+
+
+async def test_an_unknown_task_is_task_not_found(client: httpx.AsyncClient) -> None:
+    with pytest.raises(TaskNotFound):
+        await api(client)[0].task_result("no-such-task")
+
+
+async def test_a_400_is_permanent_and_carries_the_apis_message(client: httpx.AsyncClient, app: MockApp) -> None:
+    fault(app, status_rates={"400": 1.0})
+    with pytest.raises(PermanentApiError) as caught:
+        await api(client)[0].submit(REQUEST)
+    assert caught.value.status == 400
+    assert caught.value.reason == "INVALID_REQUEST_BODY"
+    assert "injected 400" in caught.value.message
+
+
+async def test_a_429_is_rate_limited_with_its_retry_after(client: httpx.AsyncClient, app: MockApp) -> None:
+    fault(app, status_rates={"429": 1.0}, retry_after=7)
+    with pytest.raises(RateLimited) as caught:
+        await api(client)[0].submit(REQUEST)
+    assert caught.value.retry_after == 7
+
+
+@pytest.mark.parametrize(
+    ("faults", "label"),
+    [
+        ({"status_rates": {"500": 1.0}}, "500"),
+        ({"status_rates": {"503": 1.0}}, "503"),
+        ({"reset_rate": 1.0}, "transport"),
+        ({"timeout_rate": 1.0, "timeout_seconds": 5}, "timeout"),
+        ({"malformed_rate": 1.0}, "malformed"),
+    ],
+)
+async def test_server_and_transport_faults_are_transient(
+    client: httpx.AsyncClient, app: MockApp, faults: dict[str, object], label: str
+) -> None:
+    fault(app, **faults)
+    caller, metrics = api(client)
+    with pytest.raises(TransientApiError) as caught:
+        await caller.submit(REQUEST)
+    assert caught.value.label == label
+    assert sum(s.value for m in metrics.api_requests.collect() for s in m.samples) == 1
+
+
+async def test_the_access_check_passes_on_a_good_key_and_fails_on_a_bad_one(client: httpx.AsyncClient) -> None:
+    await api(client)[0].check_access()
+    with pytest.raises(ConfigurationFault):
+        await api(client, "wrong")[0].check_access()
+
+
+def test_retry_after_reads_seconds_decimals_and_http_dates() -> None:
+    assert parse_retry_after("120") == 120
+    assert parse_retry_after("0.250") == 0.25
+    assert parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now=1792567650.0) == pytest.approx(30.0)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None

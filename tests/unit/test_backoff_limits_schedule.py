@@ -1,0 +1,168 @@
+"""Pure logic of the worker: back-off, tier limits, the poll schedule and delay levels."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from contracts.api import TaskResult
+from worker.backoff import backoff_delay
+from worker.limits import TierLimits
+from worker.settings import Settings
+from worker.tracking import PollSchedule, TrackingState, capped, pick_delay_level
+
+
+class Clock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 4, 8, 20])
+def test_backoff_grows_exponentially_within_half_and_full_step(attempt: int) -> None:
+    rng = random.Random(attempt)
+    step = min(60.0, 1.0 * 2 ** (attempt - 1))
+    delays = [backoff_delay(attempt, base=1.0, cap=60.0, rng=rng) for _ in range(200)]
+    assert min(delays) >= step / 2
+    assert max(delays) <= step
+    assert len(set(delays)) > 100, "jitter spreads retries"
+
+
+def test_backoff_never_undercuts_retry_after() -> None:
+    assert backoff_delay(1, base=1.0, cap=60.0, retry_after=42.0) == 42.0
+
+
+def test_rpm_limit_opens_again_a_minute_after_the_oldest_request() -> None:
+    clock = Clock()
+    limits = TierLimits(rpm=2, max_in_flight=100, daily_tokens=None, clock=clock)
+    assert limits.try_acquire(1) == 0
+    clock.now += 10
+    assert limits.try_acquire(1) == 0
+    assert limits.try_acquire(1) == pytest.approx(50)
+    clock.now += 50
+    assert limits.try_acquire(1) == 0
+
+
+def test_in_flight_counts_the_broker_plus_own_unconfirmed_submits() -> None:
+    clock = Clock()
+    limits = TierLimits(rpm=100, max_in_flight=3, daily_tokens=None, clock=clock)
+    limits.recounted(2, clock())
+    assert limits.try_acquire(1) == 0
+    assert limits.in_flight == 3
+    assert limits.try_acquire(1) > 0, "full: broker 2 + 1 pending"
+    limits.release(tracked=True)
+    assert limits.in_flight == 3, "confirmed but not yet recounted still counts"
+    clock.now += 1
+    limits.recounted(2, clock())  # the broker saw the task finish meanwhile
+    assert limits.in_flight == 2
+    assert limits.try_acquire(1) == 0
+
+
+def test_a_failed_submit_gives_its_slot_back() -> None:
+    limits = TierLimits(rpm=100, max_in_flight=1, daily_tokens=None, clock=Clock())
+    assert limits.try_acquire(1) == 0
+    limits.release(tracked=False)
+    assert limits.try_acquire(1) == 0
+
+
+def test_the_daily_token_budget_resets_at_utc_midnight() -> None:
+    wall = Clock(datetime(2026, 5, 1, 23, 0, tzinfo=UTC).timestamp())
+    limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=250, clock=Clock(), wall=wall)
+    assert limits.try_acquire(100) == 0
+    assert limits.try_acquire(100) == 0
+    assert limits.try_acquire(100) == pytest.approx(3600)
+    wall.now += 3600
+    assert limits.try_acquire(100) == 0
+
+
+def test_a_429_blocks_the_tier_for_its_retry_after() -> None:
+    clock = Clock()
+    limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=None, clock=clock)
+    limits.block_for(30)
+    assert limits.wait_time() == pytest.approx(30)
+    clock.now += 30
+    assert limits.wait_time() == 0
+
+
+def _state(tier: str = "default", **fields: object) -> TrackingState:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    base: dict[str, object] = {"job_id": "j", "tier": tier, "task_id": "t", "created_at": now,
+                               "deadline": now + timedelta(hours=2), "submitted_at": now, "duration": 5,
+                               "resolution": "720p", "generate_audio": True, "tokens": 1}
+    return TrackingState.model_validate({**base, **fields})
+
+
+def _result(status: str = "TASK_STATUS_PROCESSING", progress: int = 0, eta: int = 0) -> TaskResult:
+    return TaskResult.model_validate(
+        {"task": {"task_id": "t", "status": status, "progress_percent": progress, "eta": eta}}
+    )
+
+
+def test_the_first_poll_comes_when_the_video_could_plausibly_be_done() -> None:
+    schedule = PollSchedule(Settings())
+    assert schedule.first_delay(_state()) == pytest.approx(48.0)  # 80 % of 60 s
+    assert schedule.first_delay(_state(duration=10, resolution="1080p")) == pytest.approx(0.8 * 60 * 2 * 1.8)
+    assert schedule.first_delay(_state("flex")) == pytest.approx(0.8 * 1800)
+
+
+def test_flex_polls_far_less_often_than_default() -> None:
+    schedule = PollSchedule(Settings())
+    now = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
+    default = schedule.next_delay(_state(interval=2.0), _result("TASK_STATUS_QUEUED"), now)
+    flex = schedule.next_delay(_state("flex", interval=30.0), _result("TASK_STATUS_QUEUED"), now)
+    assert default <= 15 < 30 <= flex
+
+
+def test_the_next_poll_follows_eta_then_progress_then_backs_off() -> None:
+    schedule = PollSchedule(Settings())
+    now = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)  # 60 s after submission
+    assert schedule.next_delay(_state(), _result(eta=7), now) == 7
+    assert schedule.next_delay(_state(), _result(progress=90), now) == pytest.approx(60 * 10 / 90)
+    assert schedule.next_delay(_state(), _result(progress=10), now) == 15, "capped at the tier's maximum"
+    assert schedule.next_delay(_state(interval=4.0), _result(), now) == 6.0
+    assert schedule.next_delay(_state(interval=0.1), _result(eta=1), now) == 2.0, "floored at the minimum"
+
+
+def test_poll_scale_shrinks_every_interval() -> None:
+    schedule = PollSchedule(Settings(poll_scale=0.001))
+    assert schedule.first_delay(_state()) == pytest.approx(0.048)
+
+
+def test_no_poll_is_planned_past_the_deadline() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert capped(now, 100, now + timedelta(seconds=10)) == now + timedelta(seconds=10)
+
+
+@pytest.mark.parametrize(("seconds", "level"), [(0.01, 1000), (1.5, 1000), (4.9, 2000), (45, 30000), (9999, 300000)])
+def test_the_longest_delay_level_that_does_not_overshoot_is_picked(seconds: float, level: int) -> None:
+    assert pick_delay_level(Settings().tracking_delays_ms, seconds) == level
+
+
+def test_delay_levels_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEEDANCE_TRACKING_DELAYS_MS", "500, 100,200")
+    assert Settings().tracking_delays_ms == (100, 200, 500)
+    monkeypatch.setenv("SEEDANCE_TRACKING_DELAYS_MS", "soon")
+    with pytest.raises(ValueError, match="milliseconds"):
+        Settings()
+
+
+def test_a_key_and_a_key_file_together_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("SEEDANCE_API_KEY", "k")
+    monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(tmp_path / "key"))
+    with pytest.raises(ValueError, match="not both"):
+        Settings()
+
+
+def test_the_key_file_is_read_afresh_each_time(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    key = tmp_path / "key"
+    key.write_text("first\n")
+    monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key))
+    settings = Settings()
+    assert settings.read_api_key() == "first"
+    key.write_text("rotated")
+    assert settings.read_api_key() == "rotated"
+    assert "first" not in repr(settings) and "rotated" not in repr(settings)
