@@ -188,17 +188,23 @@ class Worker:
             log.info("paused %s", queue.name)
 
     async def _count_in_flight(self, channel: AbstractChannel) -> None:
-        """Tasks in flight per tier = tracking messages of the tier in the broker (any replica's)."""
+        """Tasks in flight per tier = tracking messages of the tier in the broker (any replica's).
+
+        The queues are read in the direction messages flow (delay queues, then the tracking queue, then
+        the deliveries in hand), so a message moving during the count is seen twice rather than missed;
+        what this replica publishes during the count is added by the limits' own bookkeeping.
+        """
         while not self._stopping.is_set():
             try:
                 raw = await channel.get_underlay_channel()
                 for tier in TIERS:
                     limits = self._limits[tier]
                     started = limits.recount_started()
-                    total = self._tracking_busy[tier]
-                    for name in topology.tracking_queues(tier, self._settings):
+                    total = 0
+                    for name in reversed(topology.tracking_queues(tier, self._settings)):
                         declared = await raw.queue_declare(name, passive=True)
                         total += declared.message_count or 0
+                    total += self._tracking_busy[tier]
                     limits.recounted(total, started)
                     self._metrics.tasks_in_flight.labels(tier).set(limits.in_flight)
                 self._wake.set()
@@ -271,6 +277,8 @@ class Worker:
             finally:
                 if outcome.slot is not None:
                     outcome.slot.release(tracked=tracked)
+                elif tracked:
+                    self._limits[outcome.state.tier].moved()
             await asyncio.gather(*(self._publish_event(e, outcome.state) for e in outcome.events))
             await message.ack()
             if outcome.events and outcome.events[0].status == "submitted":

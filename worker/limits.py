@@ -4,7 +4,9 @@ pauses a 429 imposes. Pure bookkeeping, driven by the caller's clock; nothing he
 How the limits combine across N replicas:
 - tasks in flight are counted in the broker (tracking messages of the tier), so the limit is global; the
   count is refreshed every `in_flight_refresh_seconds`, and between refreshes each replica adds what it
-  submitted itself, so N replicas can overshoot by at most N x prefetch for one refresh period;
+  submitted or moved itself. A replica's own count never falls short; what it cannot see is another
+  replica's submits since the last recount and the tracking messages another replica holds at that
+  instant, so N replicas can overshoot by at most (N - 1) x (prefetch + tracking_prefetch), briefly;
 - requests per minute and the daily token budget are counted per replica: set them to quota / N, or
   leave them at the quota and let the API's 429 (honoured by every replica) do the rest.
 """
@@ -69,7 +71,11 @@ class TierLimits:
         """The submit that took a slot is over: `tracked` when its task now sits in the broker."""
         self._pending -= 1
         if tracked:
-            self._confirmed.append(self.clock())
+            self.moved()
+
+    def moved(self) -> None:
+        """This replica just put a tracking message into a queue: count it until a recount has seen it."""
+        self._confirmed.append(self.clock())
 
     def block_for(self, seconds: float) -> None:
         """The API said 429: nobody in this tier submits for `seconds`."""

@@ -33,7 +33,8 @@ def delay_queue(tier: ServiceTier, ms: int) -> str:
 
 
 def tracking_queues(tier: ServiceTier, settings: Settings) -> list[str]:
-    """Every queue that can hold a tracking message of the tier: counting them counts tasks in flight."""
+    """Every queue that can hold a tracking message of the tier, the tracking queue first: counting them
+    counts tasks in flight."""
     return [tracking_queue(tier), *(delay_queue(tier, ms) for ms in settings.tracking_delays_ms)]
 
 

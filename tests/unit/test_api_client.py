@@ -69,7 +69,9 @@ async def test_an_account_fault_is_a_configuration_fault(client: httpx.AsyncClie
 
 async def test_a_missing_model_is_a_configuration_fault(app: MockApp) -> None:
     async with httpx.AsyncClient(transport=InProcessTransport(app)) as http:
-        response = await http.post("http://mock/v3/async/seedance-v9", json={}, headers={"Authorization": "Bearer right"})
+        response = await http.post(
+            "http://mock/v3/async/seedance-v9", json={}, headers={"Authorization": "Bearer right"}
+        )
     error = error_from_response("submit", response)
     assert isinstance(error, ConfigurationFault)
     assert error.reason == "MODEL_NOT_FOUND"

@@ -90,9 +90,18 @@ def test_a_429_blocks_the_tier_for_its_retry_after() -> None:
 
 def _state(tier: str = "default", **fields: object) -> TrackingState:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    base: dict[str, object] = {"job_id": "j", "tier": tier, "task_id": "t", "created_at": now,
-                               "deadline": now + timedelta(hours=2), "submitted_at": now, "duration": 5,
-                               "resolution": "720p", "generate_audio": True, "tokens": 1}
+    base: dict[str, object] = {
+        "job_id": "j",
+        "tier": tier,
+        "task_id": "t",
+        "created_at": now,
+        "deadline": now + timedelta(hours=2),
+        "submitted_at": now,
+        "duration": 5,
+        "resolution": "720p",
+        "generate_audio": True,
+        "tokens": 1,
+    }
     return TrackingState.model_validate({**base, **fields})
 
 

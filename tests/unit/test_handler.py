@@ -47,8 +47,14 @@ class Env:
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
     app = create_app(MockConfig(api_key="k", time_scale=0.0001), seed=11)
-    settings = Settings(poll_scale=0.0001, retry_base_seconds=0.001, retry_max_seconds=0.01, max_hold_seconds=2,
-                        in_flight_refresh_seconds=0.01, progress_interval_seconds=0)
+    settings = Settings(
+        poll_scale=0.0001,
+        retry_base_seconds=0.001,
+        retry_max_seconds=0.01,
+        max_hold_seconds=2,
+        in_flight_refresh_seconds=0.01,
+        progress_interval_seconds=0,
+    )
     async with httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://mock", timeout=2) as http:
         metrics = Metrics(CollectorRegistry())
         limits: dict[ServiceTier, TierLimits] = {t: TierLimits(1000, 1000, None) for t in ("default", "flex")}
@@ -102,8 +108,9 @@ async def test_the_api_is_sent_the_remaining_window(env: Env) -> None:
 
 async def test_the_window_sent_is_never_below_the_apis_minimum(env: Env) -> None:
     created = datetime.now(UTC) - timedelta(seconds=3500)
-    await env.handler.handle_job(Delivery(job(created_at=created.isoformat(), request={"execution_expires_after": 3600}),
-                                          "default"))
+    await env.handler.handle_job(
+        Delivery(job(created_at=created.isoformat(), request={"execution_expires_after": 3600}), "default")
+    )
     (task,) = env.app.state.tasks.values()
     assert task.request.execution_expires_after == 3600
 
@@ -143,7 +150,9 @@ async def test_the_request_tier_wins_over_the_queue(env: Env) -> None:
         (job(extra_field=1), "schema", "job-1"),
     ],
 )
-async def test_invalid_messages_are_refused_with_a_reason(env: Env, body: bytes, reason: str, job_id: str | None) -> None:
+async def test_invalid_messages_are_refused_with_a_reason(
+    env: Env, body: bytes, reason: str, job_id: str | None
+) -> None:
     with pytest.raises(InvalidJob) as caught:
         await env.handler.handle_job(Delivery(body, "default"))
     assert caught.value.reason == reason
@@ -238,8 +247,7 @@ async def test_a_task_unfinished_at_the_deadline_ends_expired_though_the_api_say
 
 
 async def test_progress_events_follow_changes(env: Env) -> None:
-    env.app.state.config = MockConfig(api_key="k", time_scale=0.001, queue_seconds={"default": 0, "flex": 0},
-                                      jitter=0)
+    env.app.state.config = MockConfig(api_key="k", time_scale=0.001, queue_seconds={"default": 0, "flex": 0}, jitter=0)
     outcome = await env.handler.handle_job(Delivery(job(), "default"))
     progress: list[int] = []
     while isinstance(outcome, Track):
@@ -255,9 +263,18 @@ async def test_progress_events_follow_changes(env: Env) -> None:
 
 async def test_an_early_tracking_message_is_sent_on_without_polling(env: Env) -> None:
     now = datetime.now(UTC)
-    state = TrackingState(job_id="j", tier="default", task_id="t", created_at=now, deadline=now + timedelta(hours=1),
-                          duration=5, resolution="720p", generate_audio=True, tokens=1,
-                          next_poll_at=now + timedelta(seconds=40))
+    state = TrackingState(
+        job_id="j",
+        tier="default",
+        task_id="t",
+        created_at=now,
+        deadline=now + timedelta(hours=1),
+        duration=5,
+        resolution="720p",
+        generate_audio=True,
+        tokens=1,
+        next_poll_at=now + timedelta(seconds=40),
+    )
     outcome = await env.handler.handle_tracking(state)
     assert isinstance(outcome, Track)
     assert 39 < outcome.delay <= 40

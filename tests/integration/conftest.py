@@ -1,0 +1,327 @@
+"""Integration fixtures: a fresh RabbitMQ vhost per test, the mock over a real socket, workers in-process
+or as processes, and a `Bus` that publishes jobs and collects events as a producer would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+
+from contracts.messages import EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES
+from tests.servers import MockProcess, free_port, start_mock
+from worker.__main__ import serve
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.broker, pytest.mark.server]
+
+AMQP_HOST = os.environ.get("SEEDANCE_TEST_AMQP_HOST", "127.0.0.1:5672")
+MOCK_KEY = "integration-key"
+IMAGE = "https://example.com/boat.png"
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60)
+    return done.stdout
+
+
+@pytest.fixture(autouse=True)
+def _no_seedance_environment(clean_env: None) -> None:
+    """Workers here get their settings from the test, never from the shell."""
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A vhost of its own, so tests never see each other's messages; the AMQP URL to it."""
+    name = f"seedance-test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@{AMQP_HOST}/{name}"
+    rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture(scope="session")
+def mock_server() -> Iterator[MockProcess]:
+    server = start_mock(time_scale=0.001, api_key=MOCK_KEY, seed=23)
+    yield server
+    server.stop()
+
+
+class Mock:
+    """The mock's /_mock surface, synchronously."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    def reset(self) -> None:
+        self.http.post("/_mock/reset").raise_for_status()
+
+    def faults(self, **faults: Any) -> None:
+        self.http.post("/_mock/faults", json=faults).raise_for_status()
+
+    def config(self, **config: Any) -> None:
+        self.http.post("/_mock/config", json=config).raise_for_status()
+
+    def tasks(self) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = self.http.get("/_mock/tasks").json()["tasks"]
+        return tasks
+
+    def requests(self) -> list[dict[str, Any]]:
+        requests: list[dict[str, Any]] = self.http.get("/_mock/requests").json()["requests"]
+        return requests
+
+    def submits(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests() if r["endpoint"] == "submit"]
+
+
+@pytest.fixture
+def mock(mock_server: MockProcess) -> Iterator[Mock]:
+    client = Mock(mock_server.url)
+    client.reset()
+    yield client
+    client.reset()
+    client.http.close()
+
+
+def worker_values(amqp_url: str, mock_url: str, **overrides: Any) -> dict[str, Any]:
+    """Settings for a worker that runs against the fast mock: everything scaled down a thousandfold."""
+    values: dict[str, Any] = {
+        "amqp_url": amqp_url,
+        "api_base_url": mock_url,
+        "api_key": MOCK_KEY,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": free_port(),
+        "poll_scale": 0.001,
+        "tracking_delays_ms": "20,50,100,200,500,1000",
+        "retry_base_seconds": 0.01,
+        "retry_max_seconds": 0.2,
+        "auth_retry_max_seconds": 0.3,
+        "progress_interval_seconds": 0,
+        "in_flight_refresh_seconds": 0.1,
+        "max_hold_seconds": 2,
+        "drain_timeout_seconds": 5,
+        "log_format": "text",
+        "log_level": "INFO",
+    }
+    values.update(overrides)
+    return values
+
+
+def worker_env(amqp_url: str, mock_url: str, **overrides: Any) -> dict[str, str]:
+    return {f"SEEDANCE_{k.upper()}": str(v) for k, v in worker_values(amqp_url, mock_url, **overrides).items()}
+
+
+@dataclass
+class RunningWorker:
+    metrics_port: int
+    stop: Callable[[], Any]
+    task: asyncio.Task[None]
+
+    async def shutdown(self) -> None:
+        """Stop as on SIGTERM and wait until the worker has let go of the broker."""
+        self.stop()
+        await asyncio.wait_for(self.task, timeout=20)
+
+    async def get(self, path: str) -> httpx.Response:
+        # Async: the worker runs in this very event loop, a blocking call would starve it.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.metrics_port}", timeout=5) as http:
+            return await http.get(path)
+
+    async def metrics(self) -> str:
+        return (await self.get("/metrics")).text
+
+    async def readyz(self) -> httpx.Response:
+        return await self.get("/readyz")
+
+    async def sample(self, name: str, **labels: str) -> float:
+        """The value of one sample on /metrics, 0 when absent."""
+        from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+        for family in text_string_to_metric_families(await self.metrics()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> None:
+    """Wait until `predicate()` (sync or async) is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = predicate()
+        if asyncio.iscoroutine(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+async def start_worker(vhost: str, mock: Mock) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: run a worker in this event loop (stopped at teardown)."""
+    running: list[tuple[asyncio.Task[None], asyncio.Event]] = []
+
+    async def start(**overrides: Any) -> RunningWorker:
+        settings = Settings(**worker_values(vhost, mock.url, **overrides))
+        stopping = asyncio.Event()
+        task = asyncio.create_task(serve(settings, stopping))
+        running.append((task, stopping))
+        worker = RunningWorker(settings.metrics_port, stopping.set, task)
+
+        async def ready() -> bool:
+            if task.done():
+                task.result()
+            try:
+                return (await worker.readyz()).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(ready, what="worker ready")
+        return worker
+
+    yield start
+    for task, stopping in running:
+        stopping.set()
+    for task, _ in running:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=15)
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    log_path: str
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+@pytest.fixture
+def spawn_worker(vhost: str, mock: Mock, tmp_path: Any) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: run `seedance-worker` as a real process (killed at teardown)."""
+    procs: list[WorkerProcess] = []
+
+    def spawn(**overrides: Any) -> WorkerProcess:
+        env = {**os.environ, **worker_env(vhost, mock.url, **overrides), "PYTHONUNBUFFERED": "1"}
+        log_path = str(tmp_path / f"worker-{len(procs)}.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        handle = WorkerProcess(proc, int(env["SEEDANCE_METRICS_PORT"]), log_path)
+        procs.append(handle)
+        return handle
+
+    yield spawn
+    for handle in procs:
+        if handle.proc.poll() is None:
+            handle.proc.send_signal(signal.SIGKILL)
+            handle.proc.wait()
+
+
+def wait_ready(worker: WorkerProcess, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"worker not ready within {timeout} s:\n{worker.log()}")
+
+
+def job(job_id: str, **request: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "request": {"image": IMAGE, "prompt": f"boat {job_id}", **request}}
+
+
+@dataclass
+class Bus:
+    """A producer's view of the system: publish jobs, receive events and replies, inspect queues."""
+
+    connection: aio_pika.abc.AbstractRobustConnection
+    channel: aio_pika.abc.AbstractChannel
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    replies: list[aio_pika.abc.AbstractIncomingMessage] = field(default_factory=list)
+    reply_queue: str = ""
+
+    async def publish(self, body: dict[str, Any] | bytes, routing_key: str = "job.default", **properties: Any) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        exchange = await self.channel.get_exchange(JOBS_EXCHANGE)
+        message = aio_pika.Message(raw, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties)
+        await exchange.publish(message, routing_key=routing_key)
+
+    async def publish_many(self, bodies: list[dict[str, Any]], routing_key: str = "job.default") -> None:
+        exchange = await self.channel.get_exchange(JOBS_EXCHANGE)
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(json.dumps(b).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=routing_key,
+                )
+                for b in bodies
+            )
+        )
+
+    def terminal(self, job_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events.get(job_id, []) if e["status"] in TERMINAL_STATUSES]
+
+    async def wait_terminal(self, job_ids: list[str], timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        await wait_for(
+            lambda: all(self.terminal(j) for j in job_ids), timeout, f"terminal events of {len(job_ids)} jobs"
+        )
+        return {j: self.terminal(j)[0] for j in job_ids}
+
+    async def queue_depth(self, name: str) -> int:
+        raw = await self.channel.get_underlay_channel()
+        declared = await raw.queue_declare(name, passive=True)
+        return declared.message_count or 0
+
+    async def get(self, queue_name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+        queue = await self.channel.get_queue(queue_name)
+        return await queue.get(fail=False, no_ack=True)
+
+
+@pytest.fixture
+async def bus(vhost: str) -> AsyncIterator[Bus]:
+    connection = await aio_pika.connect_robust(vhost)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    the_bus = Bus(connection, channel)
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(events, routing_key="job.#")
+
+    async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        event = json.loads(message.body)
+        the_bus.events[event["job_id"]].append(event)
+
+    await queue.consume(on_event, no_ack=True)
+    replies = await channel.declare_queue(exclusive=True)
+    the_bus.reply_queue = replies.name
+
+    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        the_bus.replies.append(message)
+
+    await replies.consume(on_reply, no_ack=True)
+    yield the_bus
+    await connection.close()

@@ -1,0 +1,283 @@
+"""The worker against a real RabbitMQ and the mock over a real socket, seen as a producer sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import pytest
+
+from contracts.messages import DEAD_LETTER_QUEUE
+from tests.integration.conftest import MOCK_KEY, Bus, Mock, RunningWorker, job, rabbitmqctl, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.server]
+
+
+async def test_topology_is_declared_idempotently_with_quorum_queues(start_worker, bus: Bus, vhost: str) -> None:
+    first = await start_worker()
+    first.stop()
+    await start_worker()  # declares the same things again without complaint
+    listing = rabbitmqctl("list_queues", "-p", vhost.rsplit("/", 1)[1], "name", "type", "arguments")
+    rows = {line.split("\t")[0]: line for line in listing.splitlines() if line.strip()}
+    for name in (
+        "seedance.jobs.default",
+        "seedance.jobs.flex",
+        DEAD_LETTER_QUEUE,
+        "seedance.tracking.default",
+        "seedance.tracking.flex.delay.500ms",
+    ):
+        assert "quorum" in rows[name], rows.get(name)
+    assert "x-delivery-limit" in rows["seedance.jobs.default"]
+    assert "x-message-ttl" in rows["seedance.tracking.flex.delay.500ms"]
+
+
+async def test_a_job_ends_succeeded_with_events_reply_and_metadata(start_worker, bus: Bus, mock: Mock) -> None:
+    worker = await start_worker()
+    body = {**job("happy-1"), "metadata": {"order": 42, "tags": ["a"]}}
+    await bus.publish(body, reply_to=bus.reply_queue, correlation_id="corr-1")
+    final = (await bus.wait_terminal(["happy-1"]))["happy-1"]
+    assert final["status"] == "succeeded"
+    assert final["video_url"].endswith(".mp4")
+    assert final["video_url_expires_at"] > final["finished_at"]
+    assert final["metadata"] == {"order": 42, "tags": ["a"]}
+    statuses = [e["status"] for e in bus.events["happy-1"]]
+    assert statuses[0] == "submitted" and statuses[-1] == "succeeded"
+    assert all(e["metadata"] == body["metadata"] for e in bus.events["happy-1"])
+    await wait_for(lambda: len(bus.replies) == 1, what="the reply")
+    assert bus.replies[0].correlation_id == "corr-1"
+    assert json.loads(bus.replies[0].body)["status"] == "succeeded"
+    (task,) = mock.tasks()
+    assert task["task_id"] == final["task_id"]
+    assert await worker.sample("seedance_jobs_completed_total", tier="default", status="succeeded") == 1
+    assert await worker.sample("seedance_video_seconds_total", tier="default", resolution="720p") == 5
+
+
+async def test_no_delivery_is_held_while_the_video_renders_and_any_replica_continues(
+    start_worker, bus: Bus, mock: Mock
+) -> None:
+    mock.config(render_seconds={"default": 3000, "flex": 3000})  # 3 s at the test's time scale
+    first = await start_worker(default_poll_min_seconds=1000, default_poll_max_seconds=1000)  # polls 1 s apart
+    await bus.publish(job("slow-1"))
+    await wait_for(lambda: bool(bus.events.get("slow-1")), what="submitted")
+    await first.shutdown()
+    # Had the job been held unacknowledged, stopping would have put it back in its queue.
+    assert await bus.queue_depth("seedance.jobs.default") == 0
+    tracked = [
+        await bus.queue_depth(q)
+        for q in ["seedance.tracking.default"]
+        + [f"seedance.tracking.default.delay.{ms}ms" for ms in (20, 50, 100, 200, 500, 1000)]
+    ]
+    assert sum(tracked) == 1, "the task's state rests in the broker"
+    assert not bus.terminal("slow-1")
+    await start_worker()  # another replica picks the task up where the first left it
+    final = (await bus.wait_terminal(["slow-1"]))["slow-1"]
+    assert final["status"] == "succeeded"
+    assert len(mock.submits()) == 1, "continued, not submitted again"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "job_id"),
+    [
+        (b"this is not json", "invalid_json", None),
+        (json.dumps({"job_id": "bad-1", "request": {"image": "ftp://x", "prompt": "p"}}).encode(), "schema", "bad-1"),
+        (json.dumps({"job_id": "bad-2", "request": {"image": "https://e.com/a.png"}}).encode(), "schema", "bad-2"),
+    ],
+)
+async def test_an_invalid_message_is_dead_lettered_with_its_reason(
+    start_worker, bus: Bus, mock: Mock, raw: bytes, reason: str, job_id: str | None
+) -> None:
+    worker = await start_worker()
+    await bus.publish(raw, reply_to=bus.reply_queue, correlation_id="c")
+    await wait_for(lambda: _eq(worker.sample("seedance_jobs_rejected_total", reason=reason)), what="rejection")
+    dead = await bus.get(DEAD_LETTER_QUEUE)
+    assert dead is not None
+    assert dead.body == raw, "the message is kept unchanged"
+    assert str(dead.headers["x-seedance-reason"]).startswith(reason)
+    assert dead.headers["x-seedance-routing-key"] == "job.default"
+    if job_id is None:
+        assert not bus.events
+    else:
+        (event,) = bus.events[job_id]
+        assert event["status"] == "rejected"
+        assert event["error"]["code"] == "INVALID_JOB"
+        await wait_for(lambda: len(bus.replies) == 1, what="the reply")
+    assert mock.submits() == []
+    assert (await worker.readyz()).status_code == 200, "bad input never hurts the worker"
+
+
+async def test_an_oversize_message_is_dead_lettered(start_worker, bus: Bus, mock: Mock) -> None:
+    worker = await start_worker(max_message_bytes=1000)
+    body = {**job("big-1"), "metadata": {"pad": "x" * 2000}}
+    await bus.publish(body)
+    await wait_for(lambda: _eq(worker.sample("seedance_jobs_rejected_total", reason="oversize")), what="rejection")
+    assert bus.events["big-1"][0]["status"] == "rejected"
+    assert (await bus.get(DEAD_LETTER_QUEUE)) is not None
+
+
+async def test_a_job_past_its_deadline_is_expired_without_calling_the_api(start_worker, bus: Bus, mock: Mock) -> None:
+    await start_worker()
+    old = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    await bus.publish({**job("late-1", execution_expires_after=3600), "created_at": old})
+    await bus.publish(job("late-2", execution_expires_after=3600), timestamp=datetime.now(UTC) - timedelta(hours=2))
+    finals = await bus.wait_terminal(["late-1", "late-2"])
+    for final in finals.values():
+        assert final["status"] == "expired"
+        assert final["error"]["code"] == "DEADLINE_EXCEEDED"
+        assert final["task_id"] is None
+    assert mock.submits() == []
+
+
+async def test_a_submitted_job_unfinished_at_its_deadline_ends_expired(start_worker, bus: Bus, mock: Mock) -> None:
+    mock.faults(outcomes=[{"outcome": "hang", "prompt_contains": "hang"}])
+    mock.config(time_scale=1.0)  # the API's own window stays an hour: only the worker's deadline can end it
+    await start_worker()
+    created = (datetime.now(UTC) - timedelta(seconds=3598)).isoformat()
+    await bus.publish({**job("hang-1", execution_expires_after=3600), "created_at": created})
+    final = (await bus.wait_terminal(["hang-1"], timeout=20))["hang-1"]
+    assert final["status"] == "expired"
+    assert final["error"]["code"] == "DEADLINE_EXCEEDED"
+    (task,) = mock.tasks()
+    assert task["status"] in ("TASK_STATUS_QUEUED", "TASK_STATUS_PROCESSING"), "the API never said expired"
+
+
+async def test_a_job_runs_in_the_tier_its_request_names(start_worker, bus: Bus, mock: Mock) -> None:
+    await start_worker()
+    await bus.publish(job("tier-1", service_tier="flex"), routing_key="job.default")
+    final = (await bus.wait_terminal(["tier-1"]))["tier-1"]
+    assert final["service_tier"] == "flex"
+    assert mock.tasks()[0]["tier"] == "flex"
+
+
+async def test_api_faults_are_retried_and_every_job_succeeds(start_worker, bus: Bus, mock: Mock) -> None:
+    mock.faults(
+        status_rates={"500": 0.15, "503": 0.15, "429": 0.1},
+        reset_rate=0.05,
+        timeout_rate=0.05,
+        timeout_seconds=0.3,
+        retry_after=0.05,
+    )
+    worker = await start_worker(api_timeout_seconds=0.2, submit_max_attempts=30)
+    ids = [f"flaky-{i}" for i in range(30)]
+    await bus.publish_many([job(i, duration=4) for i in ids])
+    finals = await bus.wait_terminal(ids, timeout=60)
+    assert {f["status"] for f in finals.values()} == {"succeeded"}
+    journal = mock.requests()
+    assert any(r.get("fault") for r in journal), "faults were injected"
+    assert (
+        await worker.sample("seedance_api_retries_total", endpoint="submit", reason="503")
+        + await worker.sample("seedance_api_retries_total", endpoint="task-result", reason="503")
+        > 0
+    )
+
+
+async def test_a_400_fails_the_job_with_the_apis_message(start_worker, bus: Bus, mock: Mock) -> None:
+    mock.faults(status_rates={"400": 1.0}, endpoints=["submit"])
+    await start_worker()
+    await bus.publish(job("refused-1"))
+    final = (await bus.wait_terminal(["refused-1"]))["refused-1"]
+    assert final["status"] == "failed"
+    assert final["error"] == {"code": "INVALID_REQUEST_BODY", "message": "request rejected (injected 400 fault)"}
+    assert len(mock.submits()) == 1, "a refused request is not sent again"
+
+
+async def test_a_failed_task_fails_the_job_with_the_apis_reason(start_worker, bus: Bus, mock: Mock) -> None:
+    mock.faults(outcomes=[{"outcome": "fail", "prompt_contains": "doomed", "reason": "policy violation"}])
+    await start_worker()
+    await bus.publish(job("doomed-1"))
+    final = (await bus.wait_terminal(["doomed-1"]))["doomed-1"]
+    assert final["status"] == "failed"
+    assert final["error"] == {"code": "TASK_FAILED", "message": "policy violation"}
+
+
+async def test_an_auth_fault_pauses_intake_and_resumes_by_itself(start_worker, bus: Bus, mock: Mock) -> None:
+    worker = await start_worker()
+    mock.faults(auth={"status": 403, "reason": "NOT_ENOUGH_BALANCE", "message": "balance is empty"})
+    await bus.publish(job("broke-1"))
+    await wait_for(lambda: _status(worker, 503), what="not ready")
+    assert await worker.sample("seedance_worker_ready") == 0
+    await asyncio.sleep(1.0)
+    assert not bus.terminal("broke-1"), "no job fails for an account fault"
+    mock.faults()  # the balance is topped up
+    final = (await bus.wait_terminal(["broke-1"], timeout=20))["broke-1"]
+    assert final["status"] == "succeeded"
+    await wait_for(lambda: _status(worker, 200), what="ready again")
+
+
+async def test_the_in_flight_limit_holds_jobs_in_rabbitmq(start_worker, bus: Bus, mock: Mock) -> None:
+    mock.config(render_seconds={"default": 500, "flex": 500}, quotas={"default": {}, "flex": {}}, jitter=0)
+    worker = await start_worker(default_max_in_flight=3, default_prefetch=2)
+    ids = [f"lim-{i}" for i in range(12)]
+    await bus.publish_many([job(i) for i in ids])
+    await asyncio.sleep(0.3)
+    assert await bus.queue_depth("seedance.jobs.default") >= 12 - 3 - 2, "waiting jobs stay in the queue"
+    await bus.wait_terminal(ids, timeout=60)
+    # No moment had more than 3 unfinished tasks: replay submissions and finishes from the mock's journal.
+    points = []
+    for task in mock.tasks():
+        points += [(task["submitted_at"], 1), (task["finished_at"], -1)]
+    running = peak = 0
+    for _, step in sorted(points, key=lambda p: (p[0], p[1])):
+        running += step
+        peak = max(peak, running)
+    assert peak <= 3, f"{peak} tasks ran at once"
+    assert await worker.sample("seedance_tier_limit", tier="default", limit="max_in_flight") == 3
+
+
+async def test_a_flex_backlog_does_not_delay_a_default_job(start_worker, bus: Bus, mock: Mock) -> None:
+    mock.config(quotas={"default": {}, "flex": {}}, model_rpm=None)
+    await start_worker(flex_max_in_flight=5, flex_prefetch=2)
+    flex_ids = [f"flex-{i}" for i in range(2000)]
+    await bus.publish_many([job(i, service_tier="flex") for i in flex_ids], routing_key="job.flex")
+    await bus.publish(job("urgent-1"))
+    final = (await bus.wait_terminal(["urgent-1"], timeout=30))["urgent-1"]
+    assert final["status"] == "succeeded"
+    waiting = await bus.queue_depth("seedance.jobs.flex")
+    assert waiting > 1900, f"the default job finished while {waiting} flex jobs still waited"
+    flex_done = sum(1 for i in flex_ids if bus.terminal(i))
+    assert flex_done < 100
+
+
+async def test_metrics_and_health_endpoints_answer(start_worker, bus: Bus, mock: Mock) -> None:
+    worker = await start_worker()
+    text = await worker.metrics()
+    for name in (
+        "seedance_jobs_received_total",
+        "seedance_jobs_completed_total",
+        "seedance_jobs_rejected_total",
+        "seedance_tasks_in_flight",
+        "seedance_job_queue_wait_seconds",
+        "seedance_job_duration_seconds",
+        "seedance_api_requests_total",
+        "seedance_api_request_duration_seconds",
+        "seedance_api_retries_total",
+        "seedance_polls_total",
+        "seedance_video_seconds_total",
+        "seedance_worker_ready",
+    ):
+        assert name in text, name
+    assert (await worker.get("/healthz")).status_code == 200
+    assert (await worker.readyz()).json()["ready"] is True
+    assert MOCK_KEY not in text
+
+
+async def test_a_broker_connection_loss_is_survived(start_worker, bus: Bus, mock: Mock, vhost: str) -> None:
+    mock.config(render_seconds={"default": 1000, "flex": 1000})
+    await start_worker()
+    ids = [f"conn-{i}" for i in range(20)]
+    await bus.publish_many([job(i) for i in ids])
+    await wait_for(lambda: sum(1 for i in ids if bus.events.get(i)) >= 5, what="some submissions")
+    name = vhost.rsplit("/", 1)[1]
+    rabbitmqctl("close_all_connections", "-p", name, "test: broker connection loss")
+    finals = await bus.wait_terminal(ids, timeout=60)
+    assert {f["status"] for f in finals.values()} == {"succeeded"}
+
+
+async def _eq(sample: Awaitable[float], expected: float = 1) -> bool:
+    return await sample == expected
+
+
+async def _status(worker: RunningWorker, status: int) -> bool:
+    return (await worker.readyz()).status_code == status
