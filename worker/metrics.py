@@ -23,7 +23,7 @@ API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         # `*_created` series double the exposition and no dashboard reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self.jobs_received = Counter(
             "seedance_jobs_received", "Job messages taken from the tier queues.", ["tier"], registry=registry

@@ -195,7 +195,7 @@ async def start_worker(vhost: str, mock: Mock) -> AsyncIterator[Callable[..., An
         return worker
 
     yield start
-    for task, stopping in running:
+    for _, stopping in running:
         stopping.set()
     for task, _ in running:
         with contextlib.suppress(Exception):

@@ -7,7 +7,6 @@ import json
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
-import aio_pika
 import pytest
 
 from contracts.messages import DEAD_LETTER_QUEUE
