@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 import uuid
@@ -208,6 +209,9 @@ async def events(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # This tool reports failures itself, in one line; the AMQP libraries would add their own.
+    for library in ("aiormq", "aio_pika"):
+        logging.getLogger(library).setLevel(logging.CRITICAL)
     command = enqueue if args.command == "enqueue" else events
     try:
         code = asyncio.run(command(args))

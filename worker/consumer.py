@@ -271,16 +271,22 @@ class Worker:
         if isinstance(outcome, Track):
             tracked = False
             try:
-                # The state first, alone: it closes the double-submission window as early as possible.
-                await self._publish_state(outcome.state, outcome.delay)
+                # State and events go out together and the ack follows their confirms at once: the time
+                # from the API's answer to the ack is the double-submission window, kept to one round trip.
+                await asyncio.gather(
+                    self._publish_state(outcome.state, outcome.delay),
+                    *(self._publish_event(e, outcome.state) for e in outcome.events),
+                )
                 tracked = True
             finally:
                 if outcome.slot is not None:
                     outcome.slot.release(tracked=tracked)
                 elif tracked:
                     self._limits[outcome.state.tier].moved()
-            await asyncio.gather(*(self._publish_event(e, outcome.state) for e in outcome.events))
             await message.ack()
+            if outcome.slot is not None and outcome.state.submitted_at is not None:
+                window = datetime.now(UTC) - outcome.state.submitted_at
+                self._metrics.submit_window.observe(window.total_seconds())
             if outcome.events and outcome.events[0].status == "submitted":
                 log.info("submitted", extra=_ids(outcome.state))
         elif isinstance(outcome, Finish):

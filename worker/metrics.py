@@ -109,6 +109,13 @@ class Metrics:
             ["tier"],
             registry=registry,
         )
+        self.submit_window = Histogram(
+            "seedance_submit_unconfirmed_seconds",
+            "From the API accepting a task to the broker confirming its tracking state: the window in which "
+            "a crash makes the job be submitted again.",
+            buckets=API_BUCKETS,
+            registry=registry,
+        )
         self.events_published = Counter(
             "seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry
         )

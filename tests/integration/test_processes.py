@@ -1,0 +1,186 @@
+"""The worker as a real process: SIGTERM drains, SIGKILL at random points loses nothing, and the
+command-line tools behave as their help says."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from contracts.messages import TERMINAL_STATUSES
+from tests.integration.conftest import Bus, Mock, job, wait_ready, worker_env
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.broker, pytest.mark.server]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_sigterm_stops_intake_returns_in_flight_work_and_exits_0(spawn_worker, bus: Bus, mock: Mock) -> None:
+    mock.config(render_seconds={"default": 2000, "flex": 2000})
+    # Every submit is throttled, so deliveries sit in the worker waiting out Retry-After when SIGTERM comes.
+    mock.faults(status_rates={"429": 0.7}, retry_after=0.5, endpoints=["submit"])
+    worker = spawn_worker(drain_timeout_seconds=3, max_hold_seconds=30)
+    await asyncio.to_thread(wait_ready, worker)
+    ids = [f"term-{i}" for i in range(20)]
+    await bus.publish_many([job(i) for i in ids])
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(worker.proc.wait, 15)
+    assert code == 0, worker.log()
+    assert time.monotonic() - started < 3 + 5, "drained within the configured timeout"
+    assert "stopping: intake closed" in worker.log()
+    mock.faults()
+    again = spawn_worker()
+    await asyncio.to_thread(wait_ready, again)
+    finals = await bus.wait_terminal(ids, timeout=60)
+    assert {f["status"] for f in finals.values()} == {"succeeded"}, "nothing was lost or failed by the stop"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_sigkill_at_random_points_loses_no_job(spawn_worker, bus: Bus, mock: Mock) -> None:
+    mock.config(quotas={"default": {}, "flex": {}}, model_rpm=None)
+    rng = random.Random(20261124)
+    ids = [f"kill-{i:03d}" for i in range(300)]
+    settings = {"default_max_in_flight": 100, "flex_max_in_flight": 100, "default_prefetch": 8, "flex_prefetch": 4}
+    kills = 0
+    for round_ in range(8):
+        worker = spawn_worker(**settings)
+        await asyncio.to_thread(wait_ready, worker)
+        if round_ == 0:  # the first worker has declared the queues
+            await bus.publish_many([job(i, duration=rng.choice([4, 5, 8])) for i in ids[:150]])
+            await bus.publish_many([job(i, service_tier="flex") for i in ids[150:]], routing_key="job.flex")
+        await asyncio.sleep(rng.uniform(0.2, 1.5))
+        worker.signal(signal.SIGKILL)
+        await asyncio.to_thread(worker.proc.wait)
+        kills += 1
+    spawn_worker(**settings)
+    finals = await bus.wait_terminal(ids, timeout=180)
+
+    assert set(finals) == set(ids), "every job has a terminal event"
+    for job_id in ids:
+        statuses = {e["status"] for e in bus.events[job_id] if e["status"] in TERMINAL_STATUSES}
+        assert statuses == {"succeeded"}, (job_id, statuses)
+    submissions = collections.Counter(t["request"]["prompt"] for t in mock.tasks())
+    duplicates = sum(n - 1 for n in submissions.values())
+    assert set(submissions) == {f"boat {i}" for i in ids}
+    # Each kill can catch at most the deliveries in hand between an API answer and a broker confirm.
+    bound = kills * (settings["default_prefetch"] + settings["flex_prefetch"])
+    print(f"\nkill test: {len(ids)} jobs, {kills} SIGKILLs, {duplicates} duplicate submissions (bound {bound})")
+    assert duplicates <= bound
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert words in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("worker.cli", "enqueue", "--duration", "five"), 2, "invalid int value"),
+        (("worker.cli", "enqueue", "--prompt", "p", "--image", "/no/such/file.png"), 2, "cannot read image"),
+        (
+            ("worker.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--duration", "30"),
+            2,
+            "request.duration",
+        ),
+        (("worker.cli", "enqueue", "--prompt", "p", "--image", str(ROOT / "pyproject.toml")), 2, "not a readable"),
+        (("worker.cli", "frobnicate"), 2, "invalid choice"),
+        (("mock_server", "--port", "http"), 2, "invalid port"),
+        (("mock_server", "--time-scale", "0"), 2, "greater than 0"),
+    ],
+)
+def test_a_bad_argument_gets_one_line_and_a_non_zero_exit(args: tuple[str, ...], code: int, words: str) -> None:
+    assert_one_line_error(run(*args), code, words)
+
+
+def test_a_bad_worker_setting_gets_one_line_and_a_non_zero_exit() -> None:
+    done = run("worker", env={"SEEDANCE_DEFAULT_RPM": "lots", "SEEDANCE_API_KEY": "sk-very-secret"})
+    assert_one_line_error(done, 1, "default_rpm")
+    assert "sk-very-secret" not in done.stderr
+
+
+def test_worker_help_lists_every_setting() -> None:
+    done = run("worker", "--help")
+    assert done.returncode == 0
+    for name in Settings.model_fields:
+        assert f"SEEDANCE_{name.upper()}" in done.stdout
+
+
+def test_the_cli_cannot_reach_a_broker_in_one_line() -> None:
+    done = run("worker.cli", "--amqp-url", "amqp://guest:hunter2@127.0.0.1:1/", "events", "--count", "1")
+    assert_one_line_error(done, 1, "cannot talk to RabbitMQ")
+    assert "hunter2" not in done.stderr
+
+
+async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
+    spawn_worker, bus: Bus, mock: Mock, vhost: str
+) -> None:
+    worker = spawn_worker()
+    await asyncio.to_thread(wait_ready, worker)
+    env = worker_env(vhost, mock.url)
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "events",
+        "--count",
+        "2",
+        "--timeout",
+        "30",
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    await asyncio.sleep(1.0)  # the follower binds its queue
+    sample = ROOT / "worker" / "samples" / "boat.png"
+    done = await asyncio.to_thread(
+        run,
+        "worker.cli",
+        "enqueue",
+        "--image",
+        str(sample),
+        "--prompt",
+        "a boat",
+        "--job-id",
+        "cli-1",
+        "--metadata",
+        '{"from": "cli"}',
+        "--wait",
+        "--timeout",
+        "30",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert '"enqueued": "cli-1"' in lines[0]
+    assert '"status": "succeeded"' in lines[-1]
+    (task,) = mock.tasks()
+    assert task["request"]["image"].startswith("data:image/png;base64,<")
+    out, _ = await asyncio.wait_for(follower.communicate(), timeout=40)
+    followed = out.decode().splitlines()
+    assert len(followed) == 2 and all('"job_id": "cli-1"' in line for line in followed)
