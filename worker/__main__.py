@@ -19,6 +19,7 @@ from pydantic_core import PydanticUndefined
 from contracts import validation_message
 from contracts.messages import TIERS
 from worker.api_client import ApiClient
+from worker.cli import redact
 from worker.consumer import Worker
 from worker.handler import JobHandler
 from worker.health import HealthServer
@@ -37,7 +38,7 @@ def _environment_help() -> str:
         if default is PydanticUndefined or default is None:
             shown = "unset"
         elif hasattr(default, "get_secret_value"):
-            shown = "<secret>"
+            shown = redact(default.get_secret_value())
         elif isinstance(default, tuple):
             shown = ",".join(str(v) for v in default)
         else:
@@ -78,7 +79,8 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
             httpx.AsyncClient(
                 base_url=settings.api_base_url,
                 timeout=timeout,
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+                # httpcore checks every pooled connection on each request: a small pool is cheaper per call.
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
                 headers={"User-Agent": "seedance-worker"},
             )
         )

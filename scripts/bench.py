@@ -1,0 +1,265 @@
+"""Benchmarks of the worker against a real RabbitMQ and the mock over a socket: `make bench`.
+
+Prints figures, asserts nothing. Each scenario runs in a vhost of its own and is repeated; medians are
+reported with every run shown.
+
+- throughput: jobs per second through one worker process when tasks finish instantly;
+- latency: polls per task and the delay from the mock finishing a task to its terminal event, with
+  realistic timings scaled down tenfold (reported in real and in unscaled seconds; the broker's own
+  per-hop latency does not scale, so smaller scales overstate it);
+- memory: the worker's resident memory idle and with 10,000 tasks in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+import httpx
+
+from tests.servers import free_port, start_mock
+
+KEY = "bench-key"
+
+
+@contextmanager
+def vhost() -> Iterator[str]:
+    name = f"seedance-bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True, capture_output=True
+    )
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)
+
+
+@contextmanager
+def worker(amqp: str, mock_url: str, **settings: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SEEDANCE_AMQP_URL": amqp,
+        "SEEDANCE_API_BASE_URL": mock_url,
+        "SEEDANCE_API_KEY": KEY,
+        "SEEDANCE_METRICS_PORT": str(port),
+        "SEEDANCE_METRICS_HOST": "127.0.0.1",
+        "SEEDANCE_LOG_LEVEL": "WARNING",
+    }
+    env.update({f"SEEDANCE_{k.upper()}": str(v) for k, v in settings.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        yield proc, port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def job(job_id: str, **request: Any) -> bytes:
+    body = {
+        "job_id": job_id,
+        "request": {"image": "https://example.com/boat.png", "prompt": f"boat {job_id}", **request},
+    }
+    return json.dumps(body).encode()
+
+
+async def run_jobs(amqp: str, count: int, timeout: float, **request: Any) -> tuple[float, dict[str, Any]]:
+    """Publish `count` jobs, wait for every terminal event; (seconds taken, terminal events by job)."""
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.declare_exchange("seedance.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        for status in ("succeeded", "failed", "expired", "rejected"):
+            await queue.bind(events, routing_key=f"job.{status}")
+        jobs = await channel.get_exchange("seedance.jobs")
+        done: dict[str, Any] = {}
+        finished = asyncio.Event()
+
+        async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            event = json.loads(message.body)
+            done.setdefault(event["job_id"], event)
+            if len(done) >= count:
+                finished.set()
+
+        await queue.consume(on_event, no_ack=True)
+        started = time.perf_counter()
+        ids = [f"b{i}" for i in range(count)]
+        for start in range(0, count, 500):
+            await asyncio.gather(
+                *(
+                    jobs.publish(
+                        aio_pika.Message(job(i, **request), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key="job.default",
+                    )
+                    for i in ids[start : start + 500]
+                )
+            )
+        await asyncio.wait_for(finished.wait(), timeout)
+        return time.perf_counter() - started, done
+
+
+def throughput(runs: int, count: int) -> None:
+    mock = start_mock(time_scale=0.00001, api_key=KEY, seed=1)
+    try:
+        rates = []
+        for _ in range(runs):
+            httpx.post(f"{mock.url}/_mock/reset")
+            httpx.post(f"{mock.url}/_mock/config", json={"model_rpm": None, "quotas": {"default": {}, "flex": {}}})
+            with (
+                vhost() as amqp,
+                worker(
+                    amqp,
+                    mock.url,
+                    poll_scale=0.00001,
+                    tracking_delays_ms="10,50,100",
+                    default_max_in_flight=10000,
+                    default_rpm=1000000,
+                    default_prefetch=64,
+                    tracking_prefetch=64,
+                ),
+            ):
+                seconds, done = asyncio.run(run_jobs(amqp, count, 600))
+            assert all(e["status"] == "succeeded" for e in done.values())
+            rates.append(count / seconds)
+        shown = ", ".join(f"{r:.0f}" for r in rates)
+        print(f"throughput: {count} jobs, instant tasks: runs {shown} jobs/s, median {statistics.median(rates):.0f}")
+    finally:
+        mock.stop()
+
+
+def latency(runs: int, count: int, scale: float) -> None:
+    mock = start_mock(time_scale=scale, api_key=KEY, seed=2)
+    try:
+        medians, p90s, polls = [], [], []
+        for _ in range(runs):
+            httpx.post(f"{mock.url}/_mock/reset")
+            httpx.post(f"{mock.url}/_mock/config", json={"model_rpm": None, "quotas": {"default": {}, "flex": {}}})
+            with (
+                vhost() as amqp,
+                worker(
+                    amqp,
+                    mock.url,
+                    poll_scale=scale,
+                    default_max_in_flight=1000,
+                    tracking_delays_ms="10,20,50,100,200,500,1000,3000,10000",
+                ),
+            ):
+                _, done = asyncio.run(run_jobs(amqp, count, 600))
+            tasks = {t["task_id"]: t for t in httpx.get(f"{mock.url}/_mock/tasks").json()["tasks"]}
+            lags = sorted(
+                (
+                    datetime.fromisoformat(e["finished_at"])
+                    - datetime.fromisoformat(tasks[e["task_id"]]["finished_at"])
+                ).total_seconds()
+                for e in done.values()
+            )
+            medians.append(statistics.median(lags))
+            p90s.append(lags[int(len(lags) * 0.9)])
+            polls.append(sum(t["polls"] for t in tasks.values()) / len(tasks))
+        print(f"latency: {count} jobs, mock and worker at time scale {scale} (renders of ~{60 * scale:.1f} s)")
+        print(f"  polls per task: runs {', '.join(f'{p:.2f}' for p in polls)}, median {statistics.median(polls):.2f}")
+        m = statistics.median(medians)
+        print(
+            f"  task finished -> terminal event, median: runs {', '.join(f'{x * 1000:.0f}' for x in medians)} ms; "
+            f"median {m * 1000:.0f} ms real = {m / scale:.1f} s unscaled"
+        )
+        p = statistics.median(p90s)
+        print(f"  task finished -> terminal event, p90: median {p * 1000:.0f} ms real = {p / scale:.1f} s unscaled")
+    finally:
+        mock.stop()
+
+
+def memory(in_flight: int) -> None:
+    mock = start_mock(time_scale=1.0, api_key=KEY, seed=3)
+    try:
+        httpx.post(f"{mock.url}/_mock/config", json={"model_rpm": None, "quotas": {"default": {}, "flex": {}}})
+        httpx.post(f"{mock.url}/_mock/faults", json={"outcomes": [{"outcome": "hang", "prompt_contains": "boat"}]})
+        with (
+            vhost() as amqp,
+            worker(amqp, mock.url, default_max_in_flight=in_flight * 2, default_rpm=1000000, default_prefetch=64) as (
+                proc,
+                _,
+            ),
+        ):
+            idle = rss_mib(proc.pid)
+
+            async def publish() -> None:
+                connection = await aio_pika.connect(amqp)
+                async with connection:
+                    channel = await connection.channel(publisher_confirms=True)
+                    jobs = await channel.get_exchange("seedance.jobs")
+                    for start in range(0, in_flight, 500):
+                        await asyncio.gather(
+                            *(
+                                jobs.publish(
+                                    aio_pika.Message(job(f"m{i}"), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                    routing_key="job.default",
+                                )
+                                for i in range(start, min(in_flight, start + 500))
+                            )
+                        )
+
+            started = time.perf_counter()
+            asyncio.run(publish())
+            while httpx.get(f"{mock.url}/_mock/tasks").json()["count"] < in_flight:
+                time.sleep(1)
+            took = time.perf_counter() - started
+            loaded = rss_mib(proc.pid)
+            time.sleep(60)  # the first polls of the hanging tasks come about 48 s after submission
+            polling = rss_mib(proc.pid)
+        print(
+            f"memory: worker RSS idle {idle:.1f} MiB; {in_flight} tasks in flight (submitted in {took:.0f} s) "
+            f"{loaded:.1f} MiB; a minute later, while polling them, {polling:.1f} MiB"
+        )
+    finally:
+        mock.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--in-flight", type=int, default=10000)
+    parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
+    parser.add_argument("--only", choices=["throughput", "latency", "memory"])
+    args = parser.parse_args()
+    if args.only in (None, "throughput"):
+        throughput(args.runs, args.jobs)
+    if args.only in (None, "latency"):
+        latency(args.runs, min(args.jobs, 200), args.scale)
+    if args.only in (None, "memory"):
+        memory(args.in_flight)
+
+
+if __name__ == "__main__":
+    main()
