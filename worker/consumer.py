@@ -167,8 +167,8 @@ class Worker:
                 try:
                     await self._consume(f"jobs.{tier}", want=open_)
                     await self._consume(f"tracking.{tier}", want=self._api_ok)
-                except aio_pika.exceptions.AMQPError:
-                    log.debug("consumer change failed; retrying", exc_info=True)
+                except Exception:  # noqa: BLE001 - the broker may be away; the robust connection comes back
+                    log.debug("consumer change failed; next round retries", exc_info=True)
             self._metrics.worker_ready.set(1 if self.ready and connected else 0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -208,7 +208,7 @@ class Worker:
                     limits.recounted(total, started)
                     self._metrics.tasks_in_flight.labels(tier).set(limits.in_flight)
                 self._wake.set()
-            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+            except Exception:  # noqa: BLE001 - as above: a lost connection must not end the recounts
                 log.debug("in-flight recount failed; next round retries", exc_info=True)
             await self.sleep(self._settings.in_flight_refresh_seconds)
 

@@ -269,7 +269,12 @@ async def test_a_broker_connection_loss_is_survived(start_worker, bus: Bus, mock
     await bus.publish_many([job(i) for i in ids])
     await wait_for(lambda: sum(1 for i in ids if bus.events.get(i)) >= 5, what="some submissions")
     name = vhost.rsplit("/", 1)[1]
-    rabbitmqctl("close_all_connections", "-p", name, "test: broker connection loss")
+    listing = rabbitmqctl("list_connections", "--no-table-headers", "pid", "vhost", "client_properties")
+    # Only the worker's connection: the test's own event subscription must not miss events meanwhile.
+    ours = [line.split("\t")[0] for line in listing.splitlines() if f"\t{name}\t" in line and "seedance-worker" in line]
+    assert ours
+    for connection in ours:
+        rabbitmqctl("close_connection", connection, "test: broker connection loss")
     finals = await bus.wait_terminal(ids, timeout=60)
     assert {f["status"] for f in finals.values()} == {"succeeded"}
 
