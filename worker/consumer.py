@@ -167,7 +167,7 @@ class Worker:
                 try:
                     await self._consume(f"jobs.{tier}", want=open_)
                     await self._consume(f"tracking.{tier}", want=self._api_ok)
-                except Exception:  # noqa: BLE001 - the broker may be away; the robust connection comes back
+                except Exception:
                     log.debug("consumer change failed; next round retries", exc_info=True)
             self._metrics.worker_ready.set(1 if self.ready and connected else 0)
             self._wake.clear()
@@ -208,7 +208,7 @@ class Worker:
                     limits.recounted(total, started)
                     self._metrics.tasks_in_flight.labels(tier).set(limits.in_flight)
                 self._wake.set()
-            except Exception:  # noqa: BLE001 - as above: a lost connection must not end the recounts
+            except Exception:
                 log.debug("in-flight recount failed; next round retries", exc_info=True)
             await self.sleep(self._settings.in_flight_refresh_seconds)
 
