@@ -207,6 +207,9 @@ class Worker:
                     total += self._tracking_busy[tier]
                     limits.recounted(total, started)
                     self._metrics.tasks_in_flight.labels(tier).set(limits.in_flight)
+                for name in (*(topology.job_queue(t) for t in TIERS), DEAD_LETTER_QUEUE):
+                    declared = await raw.queue_declare(name, passive=True)
+                    self._metrics.queue_messages.labels(name).set(declared.message_count or 0)
                 self._wake.set()
             except Exception:
                 log.debug("in-flight recount failed; next round retries", exc_info=True)
@@ -391,9 +394,11 @@ class Worker:
         metrics = self._metrics
         metrics.jobs_completed.labels(state.tier, event.status).inc()
         if event.finished_at is not None:
-            metrics.job_duration.labels(state.tier, event.status).observe(
-                (event.finished_at - state.created_at).total_seconds()
-            )
+            elapsed = (event.finished_at - state.created_at).total_seconds()
+            metrics.job_duration.labels(state.tier, event.status).observe(elapsed)
+            window = (state.deadline - state.created_at).total_seconds()
+            if window > 0:
+                metrics.deadline_used.labels(state.tier).observe(min(1.0, elapsed / window))
         if event.status == "succeeded":
             metrics.video_seconds.labels(state.tier, state.resolution).inc(state.duration)
             metrics.billed_tokens.labels(state.tier, str(state.generate_audio).lower()).inc(state.tokens)
@@ -411,6 +416,7 @@ class Worker:
             )
         self._api_ok = False
         self._metrics.worker_ready.set(0)
+        self._metrics.api_access_ok.set(0)
         self._wake.set()
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._probe_access())
@@ -436,6 +442,7 @@ class Worker:
                 continue
             log.warning("the API accepts this worker's access again: taking jobs")
             self._api_ok = True
+            self._metrics.api_access_ok.set(1)
             self._wake.set()
             return
 

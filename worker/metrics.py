@@ -116,6 +116,24 @@ class Metrics:
             buckets=API_BUCKETS,
             registry=registry,
         )
+        self.queue_messages = Gauge(
+            "seedance_queue_messages",
+            "Messages ready in the job queues and the dead-letter queue (broker count).",
+            ["queue"],
+            registry=registry,
+        )
+        self.api_access_ok = Gauge(
+            "seedance_api_access_ok",
+            "0 while the API refuses this worker's key or account (401/403/404 model).",
+            registry=registry,
+        )
+        self.deadline_used = Histogram(
+            "seedance_job_deadline_used_ratio",
+            "Share of its deadline window a job had used when it ended (1 = expired at the deadline).",
+            ["tier"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
+            registry=registry,
+        )
         self.events_published = Counter(
             "seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry
         )
@@ -128,6 +146,7 @@ class Metrics:
             self.queue_wait.labels(tier)
             self.polls.labels(tier)
             self.consumer_paused.labels(tier)
+            self.deadline_used.labels(tier)
             for status in TERMINAL:
                 self.jobs_completed.labels(tier, status)
                 self.job_duration.labels(tier, status)
@@ -143,3 +162,4 @@ class Metrics:
         for status in ("submitted", "progress", *TERMINAL):
             self.events_published.labels(status)
         self.worker_ready.set(0)
+        self.api_access_ok.set(1)

@@ -52,6 +52,7 @@ async def test_a_job_ends_succeeded_with_events_reply_and_metadata(start_worker,
     assert task["task_id"] == final["task_id"]
     assert await worker.sample("seedance_jobs_completed_total", tier="default", status="succeeded") == 1
     assert await worker.sample("seedance_video_seconds_total", tier="default", resolution="720p") == 5
+    assert await worker.sample("seedance_job_deadline_used_ratio_count", tier="default") == 1
 
 
 async def test_no_delivery_is_held_while_the_video_renders_and_any_replica_continues(
@@ -197,6 +198,7 @@ async def test_an_auth_fault_pauses_intake_and_resumes_by_itself(start_worker, b
     await bus.publish(job("broke-1"))
     await wait_for(lambda: _status(worker, 503), what="not ready")
     assert await worker.sample("seedance_worker_ready") == 0
+    assert await worker.sample("seedance_api_access_ok") == 0
     await asyncio.sleep(1.0)
     assert not bus.terminal("broke-1"), "no job fails for an account fault"
     mock.faults()  # the balance is topped up
@@ -212,6 +214,11 @@ async def test_the_in_flight_limit_holds_jobs_in_rabbitmq(start_worker, bus: Bus
     await bus.publish_many([job(i) for i in ids])
     await asyncio.sleep(0.3)
     assert await bus.queue_depth("seedance.jobs.default") >= 12 - 3 - 2, "waiting jobs stay in the queue"
+    await wait_for(
+        lambda: _at_least(worker.sample("seedance_queue_messages", queue="seedance.jobs.default"), 5),
+        5,
+        what="queue depth on /metrics",
+    )
     await bus.wait_terminal(ids, timeout=60)
     # No moment had more than 3 unfinished tasks: replay submissions and finishes from the mock's journal.
     points = []
@@ -281,6 +288,10 @@ async def test_a_broker_connection_loss_is_survived(start_worker, bus: Bus, mock
 
 async def _eq(sample: Awaitable[float], expected: float = 1) -> bool:
     return await sample == expected
+
+
+async def _at_least(sample: Awaitable[float], expected: float) -> bool:
+    return await sample >= expected
 
 
 async def _status(worker: RunningWorker, status: int) -> bool:
