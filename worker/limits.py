@@ -32,6 +32,7 @@ class TierLimits:
     _sent: deque[float] = field(default_factory=deque)
     _blocked_until: float = 0.0
     _broker_in_flight: int = 0
+    _last_count: int = 0
     _pending: int = 0
     _confirmed: deque[float] = field(default_factory=deque)
     _tokens_day: str = ""
@@ -85,8 +86,14 @@ class TierLimits:
         return self.clock()
 
     def recounted(self, broker_in_flight: int, started: float) -> None:
-        """The broker counted `broker_in_flight` tracking messages in a count begun at `started`."""
-        self._broker_in_flight = broker_in_flight
+        """The broker counted `broker_in_flight` tracking messages in a count begun at `started`.
+
+        A message between two queues (being dead-lettered, or delivered to a replica and not yet in its
+        hands) is seen by no count; taking the larger of the last two counts covers any message that was
+        not in transit at both, at the price of noticing a finished task one recount later.
+        """
+        self._broker_in_flight = max(broker_in_flight, self._last_count)
+        self._last_count = broker_in_flight
         while self._confirmed and self._confirmed[0] < started:
             self._confirmed.popleft()
 

@@ -208,8 +208,11 @@ async def test_an_auth_fault_pauses_intake_and_resumes_by_itself(start_worker, b
 
 
 async def test_the_in_flight_limit_holds_jobs_in_rabbitmq(start_worker, bus: Bus, mock: Mock) -> None:
-    mock.config(render_seconds={"default": 500, "flex": 500}, quotas={"default": {}, "flex": {}}, jitter=0)
-    worker = await start_worker(default_max_in_flight=3, default_prefetch=2)
+    mock.config(render_seconds={"default": 600, "flex": 600}, quotas={"default": {}, "flex": {}}, jitter=0)
+    # Polls at least 100 ms apart, as in production (2 s apart) relative to broker hops of a few ms.
+    worker = await start_worker(
+        default_max_in_flight=3, default_prefetch=2, default_poll_min_seconds=100, default_poll_max_seconds=200
+    )
     ids = [f"lim-{i}" for i in range(12)]
     await bus.publish_many([job(i) for i in ids])
     await asyncio.sleep(0.3)

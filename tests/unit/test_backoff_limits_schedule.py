@@ -57,9 +57,20 @@ def test_in_flight_counts_the_broker_plus_own_unconfirmed_submits() -> None:
     limits.release(tracked=True)
     assert limits.in_flight == 3, "confirmed but not yet recounted still counts"
     clock.now += 1
-    limits.recounted(2, clock())  # the broker saw the task finish meanwhile
+    limits.recounted(2, clock())  # the broker saw the submitted task; another one finished meanwhile
     assert limits.in_flight == 2
     assert limits.try_acquire(1) == 0
+
+
+def test_a_task_missed_by_one_recount_still_counts() -> None:
+    clock = Clock()
+    limits = TierLimits(rpm=100, max_in_flight=3, daily_tokens=None, clock=clock)
+    limits.recounted(3, clock())
+    limits.recounted(2, clock())  # one tracking message was between two queues during this count
+    assert limits.in_flight == 3
+    assert limits.try_acquire(1) > 0
+    limits.recounted(2, clock())  # two counts agree: a task really finished
+    assert limits.in_flight == 2
 
 
 def test_a_failed_submit_gives_its_slot_back() -> None:
