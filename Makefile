@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install lint typecheck schemas check-schemas test test-fast demo bench mock clean
+.PHONY: install lint typecheck schemas check-schemas dashboard check-deploy test test-fast demo bench mock clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,19 @@ schemas: install
 
 check-schemas: install
 	$(BIN)/python -m contracts.generate --check
+	$(BIN)/python -m deploy.grafana.build_dashboard --check
+
+dashboard: install
+	$(BIN)/python -m deploy.grafana.build_dashboard
+
+# Alert rules: syntax, then their unit tests (firing and not firing).
+check-deploy:
+	scripts/ensure-prometheus.sh
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
 
 # The whole suite: lint, types, schema freshness, then every test against a real RabbitMQ and real servers.
-test: lint typecheck check-schemas
+test: lint typecheck check-schemas check-deploy
 	scripts/ensure-rabbitmq.sh
 	$(BIN)/pytest
 
