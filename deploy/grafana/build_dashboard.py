@@ -16,6 +16,7 @@ from typing import Any
 OUT = Path(__file__).parent / "dashboards" / "seedance.json"
 T = 'tier=~"$tier"'
 RI = "$__rate_interval"
+TOKENS = "seedance_billed_tokens_total"
 # Flex costs half of default (official); `on(tier) group_left` applies the factor per tier.
 TIER_PRICE_FACTOR = (
     'label_replace(vector(1), "tier", "default", "", "") or label_replace(vector(0.5), "tier", "flex", "", "")'
@@ -221,8 +222,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "($price_audio with audio, $price_silent silent; flex at half price).",
                 [
                     (
-                        f'(sum by (tier) (rate(seedance_billed_tokens_total{{{T},audio="true"}}[{RI}])) * $price_audio + '
-                        f'sum by (tier) (rate(seedance_billed_tokens_total{{{T},audio="false"}}[{RI}])) * $price_silent) '
+                        f'(sum by (tier) (rate({TOKENS}{{{T},audio="true"}}[{RI}])) * $price_audio + '
+                        f'sum by (tier) (rate({TOKENS}{{{T},audio="false"}}[{RI}])) * $price_silent) '
                         f"* on(tier) group_left() ({TIER_PRICE_FACTOR}) * 3600 / 1e6",
                         "{{tier}}",
                     )
