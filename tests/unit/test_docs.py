@@ -31,3 +31,15 @@ def test_every_metric_is_in_the_readme() -> None:
 def test_the_readme_starts_with_the_two_setup_commands() -> None:
     commands = re.findall(r"^make (\w+)", README, flags=re.MULTILINE)
     assert commands[:2] == ["demo", "test"]
+
+
+def test_every_dashboard_panel_and_alert_is_in_the_readme() -> None:
+    import yaml  # noqa: PLC0415
+
+    from deploy.grafana.build_dashboard import ROWS  # noqa: PLC0415
+
+    titles = [panel.title for _, panels in ROWS for panel in panels]
+    assert [t for t in titles if f"| {t} |" not in README] == []
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/prometheus/alerts.yml").read_text())
+    alerts = [rule["alert"] for group in rules["groups"] for rule in group["rules"]]
+    assert [a for a in alerts if f"`{a}`" not in README] == []
