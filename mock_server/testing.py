@@ -9,11 +9,14 @@ injected connection reset surfaces as `httpx.RemoteProtocolError`, as it does ov
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import httpx
-import respx
 
 from mock_server.app import MockApp, SimulatedReset
+
+if TYPE_CHECKING:  # respx is a test dependency: this module must load without it
+    import respx
 
 
 class InProcessTransport(httpx.AsyncBaseTransport):

@@ -278,7 +278,10 @@ class Worker:
                 # from the API's answer to the ack is the double-submission window, kept to one round trip.
                 await asyncio.gather(
                     self._publish_state(outcome.state, outcome.delay),
-                    *(self._publish_event(e, outcome.state) for e in outcome.events),
+                    *(
+                        self._publish_event(e, outcome.state.reply_to, outcome.state.correlation_id)
+                        for e in outcome.events
+                    ),
                 )
                 tracked = True
             finally:
@@ -293,7 +296,7 @@ class Worker:
             if outcome.events and outcome.events[0].status == "submitted":
                 log.info("submitted", extra=_ids(outcome.state))
         elif isinstance(outcome, Finish):
-            await self._publish_event(outcome.event, outcome.state)
+            await self._publish_event(outcome.event, outcome.state.reply_to, outcome.state.correlation_id)
             await message.ack()
             self._count_terminal(outcome)
         else:
@@ -306,7 +309,7 @@ class Worker:
         assert self._publisher is not None  # noqa: S101 - set before any consumer starts
         await self._publisher.default_exchange.publish(msg, routing_key=topology.delay_queue(state.tier, level))
 
-    async def _publish_event(self, event: JobEvent, state: TrackingState) -> None:
+    async def _publish_event(self, event: JobEvent, reply_to: str | None, correlation_id: str | None) -> None:
         body = event.model_dump_json().encode()
 
         def message() -> aio_pika.Message:
@@ -315,7 +318,7 @@ class Worker:
                 delivery_mode=PERSISTENT,
                 content_type="application/json",
                 message_id=f"{event.job_id}:{event.status}",
-                correlation_id=state.correlation_id,
+                correlation_id=correlation_id,
                 timestamp=event.emitted_at,
                 type=f"seedance.job.{event.status}",
                 headers={"job_id": event.job_id, "status": event.status},
@@ -323,71 +326,49 @@ class Worker:
 
         assert self._events is not None and self._publisher is not None  # noqa: S101
         sends = [self._events.publish(message(), routing_key=f"job.{event.status}", mandatory=False)]
-        if event.terminal and state.reply_to:
-            sends.append(self._publisher.default_exchange.publish(message(), state.reply_to, mandatory=False))
+        if event.terminal and reply_to:
+            sends.append(self._publisher.default_exchange.publish(message(), reply_to, mandatory=False))
         await asyncio.gather(*sends)
         self._metrics.events_published.labels(event.status).inc()
 
     async def _reject(self, message: AbstractIncomingMessage, tier: ServiceTier, error: InvalidJob) -> None:
-        headers = dict(message.headers or {})
-        headers.update(
-            {
-                "x-seedance-reason": f"{error.reason}: {error.message}"[:2000],
-                "x-seedance-reason-code": error.reason,
-                "x-seedance-routing-key": message.routing_key or "",
-                "x-seedance-rejected-at": datetime.now(UTC).isoformat(),
-            }
-        )
-        dead = aio_pika.Message(
-            message.body,
-            headers=headers,
-            delivery_mode=PERSISTENT,
-            content_type=message.content_type,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-        )
-        assert self._publisher is not None  # noqa: S101
-        await self._publisher.default_exchange.publish(dead, routing_key=DEAD_LETTER_QUEUE)
-        event = self._handler.rejected_event(error, tier)
+        headers = {
+            "x-seedance-reason": f"{error.reason}: {error.message}"[:2000],
+            "x-seedance-reason-code": error.reason,
+            "x-seedance-routing-key": message.routing_key or "",
+            "x-seedance-rejected-at": datetime.now(UTC).isoformat(),
+        }
+        await self._republish(message, DEAD_LETTER_QUEUE, headers, message.timestamp)
+        event = self._handler.rejected_event(error)
         if event is not None:
-            state = TrackingState(
-                job_id=event.job_id,
-                tier=tier,
-                created_at=event.emitted_at or datetime.now(UTC),
-                deadline=event.emitted_at or datetime.now(UTC),
-                duration=0,
-                resolution="",
-                generate_audio=False,
-                tokens=0,
-                reply_to=message.reply_to,
-                correlation_id=message.correlation_id,
-            )
-            await self._publish_event(event, state)
+            await self._publish_event(event, message.reply_to, message.correlation_id)
         await message.ack()
         self._metrics.jobs_rejected.labels(error.reason).inc()
         self._metrics.jobs_completed.labels(tier, "rejected").inc()
         log.warning("dead-lettered a message: %s", error.reason, extra={"job_id": error.job_id or ""})
 
     async def _defer(self, message: AbstractIncomingMessage, tier: ServiceTier, defer: Defer) -> None:
-        headers = dict(message.headers or {})
-        headers[ATTEMPTS_HEADER] = defer.attempts
-        again = aio_pika.Message(
+        # The creation time goes into the timestamp: when the body has none, the deadline must not move.
+        await self._republish(message, topology.job_queue(tier), {ATTEMPTS_HEADER: defer.attempts}, defer.created_at)
+        await message.ack()
+        log.info("job returned to its queue: %s", defer.reason)
+
+    async def _republish(
+        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any], timestamp: datetime | None
+    ) -> None:
+        """Publish the delivery's body and properties unchanged, plus `headers`, to `queue` (confirmed)."""
+        copy = aio_pika.Message(
             message.body,
-            headers=headers,
+            headers={**(message.headers or {}), **headers},
             delivery_mode=PERSISTENT,
             content_type=message.content_type,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
             message_id=message.message_id,
-            # Keeps the job's creation time when the body has none (the deadline must not move).
-            timestamp=defer.created_at,
+            timestamp=timestamp,
         )
-        assert self._publisher is not None  # noqa: S101
-        await self._publisher.default_exchange.publish(again, routing_key=topology.job_queue(tier))
-        await message.ack()
-        log.info("job returned to its queue: %s", defer.reason)
+        assert self._publisher is not None  # noqa: S101 - set before any consumer starts
+        await self._publisher.default_exchange.publish(copy, routing_key=queue)
 
     def _count_terminal(self, outcome: Finish) -> None:
         state, event = outcome.state, outcome.event

@@ -50,3 +50,8 @@ def event(
 
 def error(code: str, message: str) -> EventError:
     return EventError(code=code, message=message[:1000])
+
+
+def rejected(job_id: str, why: EventError, now: datetime) -> JobEvent:
+    """The event of a message that could not become a job: nothing but its id is known."""
+    return JobEvent(job_id=job_id, status="rejected", error=why, created_at=now, finished_at=now, emitted_at=now)

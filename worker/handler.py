@@ -299,22 +299,11 @@ class JobHandler:
     def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
 
-    def rejected_event(self, error: InvalidJob, tier: ServiceTier) -> JobEvent | None:
+    def rejected_event(self, error: InvalidJob) -> JobEvent | None:
         """The `rejected` event of an invalid message whose job_id could be read."""
         if error.job_id is None:
             return None
-        now = self._clock()
-        state = TrackingState(
-            job_id=error.job_id,
-            tier=tier,
-            created_at=now,
-            deadline=now,
-            duration=0,
-            resolution="",
-            generate_audio=False,
-            tokens=0,
-        )
-        return events.event(state, "rejected", now, error=events.error("INVALID_JOB", error.message))
+        return events.rejected(error.job_id, events.error("INVALID_JOB", error.message), self._clock())
 
 
 __all__ = ["ConfigurationFault", "Defer", "Delivery", "Finish", "JobHandler", "Outcome", "Track"]

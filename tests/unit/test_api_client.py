@@ -131,3 +131,21 @@ def test_retry_after_reads_seconds_decimals_and_http_dates() -> None:
     assert parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now=1792567650.0) == pytest.approx(30.0)
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+async def test_the_mock_mounts_under_respx_at_the_real_base_url() -> None:
+    import respx  # noqa: PLC0415
+
+    from mock_server.testing import mount_respx  # noqa: PLC0415
+    from worker.settings import Settings  # noqa: PLC0415
+
+    app = create_app(MockConfig(api_key="right", time_scale=0.001), seed=9)
+    base = Settings().api_base_url
+    with respx.mock(assert_all_called=True) as router:
+        route = mount_respx(router, app, base)
+        async with httpx.AsyncClient(base_url=base) as http:
+            caller, _ = api(http)
+            task_id = await caller.submit(REQUEST)
+            assert (await caller.task_result(task_id)).task.task_id == task_id
+    assert route.call_count == 2
+    assert [r["endpoint"] for r in app.state.journal] == ["submit", "task-result"]
