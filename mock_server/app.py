@@ -221,7 +221,8 @@ class MockApp:
             debug["complete_time_ms"] = str(int(seen.finished_at * 1000))
         eta = 0
         if seen.status in (TaskStatus.QUEUED, TaskStatus.PROCESSING) and task.outcome != "hang":
-            eta = math.ceil((task.planned_end - now) / state.config.time_scale)
+            # Seconds the client has to wait, on its own clock: real seconds, whatever the time scale.
+            eta = math.ceil(task.planned_end - now)
         videos = []
         if seen.status is TaskStatus.SUCCEED:
             ttl = state.config.video_url_ttl

@@ -265,6 +265,7 @@ class JobHandler:
         if task.status is TaskStatus.SUCCEED:
             if not result.videos:
                 return self._finish(state, "failed", "NO_VIDEO", "task succeeded without a video")
+            self._learn(state, result, now)
             return Finish(state, events.event(state, "succeeded", now, result=result))
         if task.status is TaskStatus.FAILED:
             reason = task.reason or "the API reported the task failed"
@@ -286,6 +287,18 @@ class JobHandler:
         next_poll = capped(now, delay, state.deadline)
         state = state.model_copy(update={"next_poll_at": next_poll, "interval": delay})
         return Track(state, (next_poll - now).total_seconds(), published)
+
+    def _learn(self, state: TrackingState, result: TaskResult, now: datetime) -> None:
+        """Feed the schedule how long this task really took: the API's own times when it reports them."""
+        debug = result.extra.debug_info
+        if debug is not None and debug.submit_time_ms is not None and debug.complete_time_ms is not None:
+            took = (debug.complete_time_ms - debug.submit_time_ms) / 1000
+        elif state.submitted_at is not None:
+            took = (now - state.submitted_at).total_seconds()
+        else:
+            return
+        if took > 0:
+            self._schedule.observe(state.tier, state.duration, state.resolution, took)
 
     def _retry_poll(self, state: TrackingState, now: datetime, retry_after: float | None) -> Track | Finish:
         if now >= state.deadline:

@@ -56,26 +56,48 @@ class TrackingState(BaseModel):
 
 class PollSchedule:
     """When to poll a task: first when it could plausibly be done, then at intervals that follow what
-    the API reports (eta, progress), bounded per tier (default tight, flex loose), never past the deadline."""
+    the API reports (eta, progress), bounded per tier (default tight, flex loose), never past the deadline.
+
+    "Plausibly done" starts from the configured expectation (`SEEDANCE_<TIER>_EXPECTED_SECONDS` for a
+    5 s 720p clip, scaled by duration and resolution) and learns from finished tasks how fast the API
+    really is: a moving average of observed / expected per tier, in constant memory. Until a replica has
+    seen a task finish, it polls early (twice the tier's shortest interval) rather than trust a guess.
+    """
+
+    SMOOTHING = 0.2
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._speed: dict[str, float] = {}
 
     def expected_seconds(self, tier: ServiceTier, duration: int, resolution: str) -> float:
         base = self._settings.expected_seconds(tier)
         return base * duration / 5 * RESOLUTION_FACTOR.get(resolution, 1.0)
 
+    def observe(self, tier: ServiceTier, duration: int, resolution: str, seconds: float) -> None:
+        """A task of this kind took `seconds` from submission to completion."""
+        ratio = min(1000.0, max(0.0001, seconds / self.expected_seconds(tier, duration, resolution)))
+        known = self._speed.get(tier)
+        self._speed[tier] = ratio if known is None else known + self.SMOOTHING * (ratio - known)
+
+    def speed(self, tier: ServiceTier) -> float | None:
+        """Observed time over expected time for the tier (the other tier's when it has none yet)."""
+        return self._speed.get(tier, self._speed.get("flex" if tier == "default" else "default"))
+
     def first_delay(self, state: TrackingState) -> float:
-        """Seconds from submission to the first poll: 80 % of the expected time, at least the minimum."""
+        """Seconds from submission to the first poll: 80 % of the time the task should take."""
         low, _ = self._settings.poll_bounds(state.tier)
-        return max(low, 0.8 * self.expected_seconds(state.tier, state.duration, state.resolution))
+        speed = self.speed(state.tier)
+        if speed is None:
+            return 2 * low
+        return max(low, 0.8 * speed * self.expected_seconds(state.tier, state.duration, state.resolution))
 
     def next_delay(self, state: TrackingState, result: TaskResult, now: datetime) -> float:
         """Seconds until the next poll of an unfinished task."""
         low, high = self._settings.poll_bounds(state.tier)
         task = result.task
         if task.eta > 0:
-            guess = task.eta * self._settings.poll_scale
+            guess = float(task.eta)
         elif task.status is TaskStatus.PROCESSING and 0 < task.progress_percent < 100 and state.submitted_at:
             elapsed = (now - state.submitted_at).total_seconds()
             guess = elapsed * (100 - task.progress_percent) / task.progress_percent

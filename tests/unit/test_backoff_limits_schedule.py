@@ -122,11 +122,31 @@ def _result(status: str = "TASK_STATUS_PROCESSING", progress: int = 0, eta: int 
     )
 
 
+def test_before_any_task_finished_the_first_poll_comes_early() -> None:
+    schedule = PollSchedule(Settings())
+    assert schedule.first_delay(_state()) == 4.0  # twice the default tier's shortest interval
+    assert schedule.first_delay(_state("flex")) == 60.0
+
+
 def test_the_first_poll_comes_when_the_video_could_plausibly_be_done() -> None:
     schedule = PollSchedule(Settings())
+    schedule.observe("default", 5, "720p", 60.0)  # the API is as fast as expected
     assert schedule.first_delay(_state()) == pytest.approx(48.0)  # 80 % of 60 s
     assert schedule.first_delay(_state(duration=10, resolution="1080p")) == pytest.approx(0.8 * 60 * 2 * 1.8)
-    assert schedule.first_delay(_state("flex")) == pytest.approx(0.8 * 1800)
+    assert schedule.first_delay(_state("flex")) == pytest.approx(0.8 * 1800), "flex borrows default's speed"
+
+
+def test_the_schedule_learns_how_fast_the_api_really_is() -> None:
+    schedule = PollSchedule(Settings())
+    for _ in range(20):
+        schedule.observe("default", 5, "720p", 90.0)  # 1.5 x slower than expected
+    assert schedule.first_delay(_state()) == pytest.approx(0.8 * 90, rel=0.01)
+    schedule.observe("flex", 5, "720p", 3600.0)
+    assert schedule.first_delay(_state("flex")) == pytest.approx(0.8 * 3600)
+    assert schedule.first_delay(_state()) == pytest.approx(0.8 * 90, rel=0.01), "tiers learn apart"
+    fast = PollSchedule(Settings())
+    fast.observe("default", 5, "720p", 0.6)
+    assert fast.first_delay(_state()) == 2.0, "never below the tier's shortest interval"
 
 
 def test_flex_polls_far_less_often_than_default() -> None:
@@ -150,6 +170,8 @@ def test_the_next_poll_follows_eta_then_progress_then_backs_off() -> None:
 
 def test_poll_scale_shrinks_every_interval() -> None:
     schedule = PollSchedule(Settings(poll_scale=0.001))
+    assert schedule.first_delay(_state()) == pytest.approx(0.004)
+    schedule.observe("default", 5, "720p", 0.06)
     assert schedule.first_delay(_state()) == pytest.approx(0.048)
 
 
