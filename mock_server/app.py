@@ -220,7 +220,8 @@ class MockApp:
         if seen.finished_at is not None:
             debug["complete_time_ms"] = str(int(seen.finished_at * 1000))
         eta = 0
-        if seen.status in (TaskStatus.QUEUED, TaskStatus.PROCESSING) and task.outcome != "hang":
+        unfinished = seen.status in (TaskStatus.QUEUED, TaskStatus.PROCESSING)
+        if state.config.report_eta and unfinished and task.outcome != "hang":
             # Seconds the client has to wait, on its own clock: real seconds, whatever the time scale.
             eta = math.ceil(task.planned_end - now)
         videos = []

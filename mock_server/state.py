@@ -70,6 +70,9 @@ class MockConfig(BaseModel):
         default="task expired: execution_expires_after exceeded",
         description="FAILED reason of a task past its window (the gateway's wording is unknown).",
     )
+    report_eta: bool = Field(
+        default=False, description="Fill task.eta with the real seconds left; the gateway's is usually 0."
+    )
     video_url_ttl: int = Field(default=3600, description="Seconds a video URL stays valid (not scaled).")
     ttl_as_string: bool = Field(default=True, description='Send video_url_ttl as "3600" like the docs.')
     public_url: str | None = Field(
