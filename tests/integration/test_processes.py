@@ -4,6 +4,7 @@ command-line tools behave as their help says."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import os
 import random
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from contracts.messages import TERMINAL_STATUSES
-from tests.integration.conftest import Bus, Mock, job, wait_ready, worker_env
+from tests.integration.conftest import MOCK_KEY, Bus, Mock, job, wait_ready, worker_env
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
@@ -184,3 +185,8 @@ async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
     out, _ = await asyncio.wait_for(follower.communicate(), timeout=40)
     followed = out.decode().splitlines()
     assert len(followed) == 2 and all('"job_id": "cli-1"' in line for line in followed)
+    log = worker.log()
+    assert f"job_id=cli-1 task_id={task['task_id']}" in log, "log lines name the job and the task"
+    image_data = base64.b64encode(sample.read_bytes()).decode()
+    for secret in (MOCK_KEY, image_data[:40], "guest:guest"):
+        assert secret not in log and secret not in done.stdout, "no key, password or image data leaks"
