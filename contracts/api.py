@@ -73,6 +73,10 @@ class SubmitRequest(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+# The cheapest request there is (480p, 4 s): a token budget below this admits no job at all.
+MIN_TOKENS = FRAME_PIXELS["480p"] * (24 * 4 + 1) // 1024
+
+
 class SubmitResponse(BaseModel):
     """Answer of a successful submit. `extra="ignore"`: the gateway may add fields."""
 

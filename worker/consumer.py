@@ -26,7 +26,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from contracts.api import ServiceTier
+from contracts.api import MIN_TOKENS, ServiceTier
 from contracts.messages import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, TIERS, JobEvent
 from worker import topology
 from worker.api_client import ApiClient
@@ -162,7 +162,9 @@ class Worker:
         while not self._stopping.is_set():
             connected = self._connection is not None and self._connection.connected.is_set()
             for tier in TIERS:
-                open_ = self._api_ok and self._limits[tier].wait_time(0) == 0
+                # Open only if the cheapest job could go now: a token budget nearly spent closes the tier
+                # rather than take jobs that could only wait and go back.
+                open_ = self._api_ok and self._limits[tier].wait_time(MIN_TOKENS) == 0
                 self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
                 try:
                     await self._consume(f"jobs.{tier}", want=open_)

@@ -230,7 +230,9 @@ class JobHandler:
             first = self._schedule.first_delay(state)
             next_poll = capped(submitted_at, first, state.deadline)
             state = state.model_copy(update={"next_poll_at": next_poll, "interval": first})
-            self._metrics.queue_wait.labels(state.tier).observe((submitted_at - state.created_at).total_seconds())
+            # A producer's clock ahead of ours would make the wait negative; it is zero at worst.
+            waited = max(0.0, (submitted_at - state.created_at).total_seconds())
+            self._metrics.queue_wait.labels(state.tier).observe(waited)
             delay = (next_poll - submitted_at).total_seconds()
             return Track(state, delay, (events.event(state, "submitted", submitted_at),), slot=limits)
 

@@ -209,3 +209,13 @@ def test_the_key_file_is_read_afresh_each_time(monkeypatch: pytest.MonkeyPatch, 
     key.write_text("rotated")
     assert settings.read_api_key() == "rotated"
     assert "first" not in repr(settings) and "rotated" not in repr(settings)
+
+
+def test_a_budget_too_small_for_the_cheapest_job_closes_the_tier() -> None:
+    from contracts.api import MIN_TOKENS, SubmitRequest  # noqa: PLC0415
+
+    cheapest = SubmitRequest(image="https://e.com/a.png", prompt="p", duration=4, resolution="480p")
+    assert cheapest.tokens() == MIN_TOKENS
+    limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=MIN_TOKENS * 2 - 1, clock=Clock())
+    assert limits.try_acquire(MIN_TOKENS) == 0
+    assert limits.wait_time(MIN_TOKENS) > 0
