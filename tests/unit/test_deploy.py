@@ -3,6 +3,7 @@ against their schemas and against the code (setting names, queue names, ports, d
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -186,3 +187,31 @@ def test_the_wheel_the_image_installs_carries_schemas_sample_and_commands(tmp_pa
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for command in ("seedance-worker", "seedance-mock", "seedance ="):
         assert command in text
+
+
+def test_the_prometheus_rule_carries_the_same_alerts_as_alerts_yml() -> None:
+    rule = manifests()["PrometheusRule/seedance-worker"]
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+
+
+def test_the_dashboard_is_well_formed() -> None:
+    import json  # noqa: PLC0415
+
+    board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "seedance.json").read_text())
+    panels = board["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert {"datasource", "tier"} <= variables
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+        if panel["type"] == "row":
+            continue
+        assert panel["description"], panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            for used in set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval"}:
+                assert used in variables, (panel["title"], used)
+    provisioned = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/seedance.yml").read_text())
+    assert provisioned["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
