@@ -204,7 +204,7 @@ def test_the_dashboard_is_well_formed() -> None:
     assert {"datasource", "tier"} <= variables
     for panel in panels:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24
         if panel["type"] == "row":
             continue
         assert panel["description"], panel["title"]
