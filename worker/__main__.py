@@ -116,19 +116,7 @@ def _install_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -
 async def _main(settings: Settings) -> None:
     stopping = asyncio.Event()
     _install_signals(asyncio.get_running_loop(), stopping)
-    delay = 1.0
-    while not stopping.is_set():
-        try:
-            await serve(settings, stopping)
-        except (ConnectionError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno == 98:  # address in use: a config error, not transient
-                raise
-            log.warning("cannot reach RabbitMQ (%s); retrying in %.0f s", type(exc).__name__, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=delay)
-            delay = min(delay * 2, 30.0)
-        else:
-            return
+    await serve(settings, stopping)
 
 
 def main(argv: list[str] | None = None) -> None:

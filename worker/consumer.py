@@ -94,11 +94,29 @@ class Worker:
         }
 
     # Life cycle
+    async def _connect(self) -> AbstractRobustConnection | None:
+        """Connect to RabbitMQ, retrying with back-off until it answers or the worker is stopped."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                return await aio_pika.connect_robust(
+                    self._settings.amqp_url.get_secret_value(),
+                    client_properties={"connection_name": "seedance-worker"},
+                )
+            except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, base=1.0, cap=30.0)
+                log.warning("cannot reach RabbitMQ (%s); retrying in %.0f s", type(exc).__name__, delay)
+                await self.sleep(delay)
+        return None
+
     async def run(self) -> None:
+        """Serve until `stopping` is set; /healthz stays up meanwhile, /readyz says whether jobs are taken."""
         settings = self._settings
-        self._connection = await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(), client_properties={"connection_name": "seedance-worker"}
-        )
+        connection = await self._connect()
+        if connection is None:
+            return
+        self._connection = connection
         try:
             publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._publisher = publisher

@@ -97,10 +97,10 @@ def mock(mock_server: MockProcess) -> Iterator[Mock]:
     client.http.close()
 
 
-def worker_values(amqp_url: str, mock_url: str, **overrides: Any) -> dict[str, Any]:
+def worker_values(broker_url: str, mock_url: str, **overrides: Any) -> dict[str, Any]:
     """Settings for a worker that runs against the fast mock: everything scaled down a thousandfold."""
     values: dict[str, Any] = {
-        "amqp_url": amqp_url,
+        "amqp_url": broker_url,
         "api_base_url": mock_url,
         "api_key": MOCK_KEY,
         "metrics_host": "127.0.0.1",
@@ -121,8 +121,8 @@ def worker_values(amqp_url: str, mock_url: str, **overrides: Any) -> dict[str, A
     return values
 
 
-def worker_env(amqp_url: str, mock_url: str, **overrides: Any) -> dict[str, str]:
-    return {f"SEEDANCE_{k.upper()}": str(v) for k, v in worker_values(amqp_url, mock_url, **overrides).items()}
+def worker_env(broker_url: str, mock_url: str, **overrides: Any) -> dict[str, str]:
+    return {f"SEEDANCE_{k.upper()}": str(v) for k, v in worker_values(broker_url, mock_url, **overrides).items()}
 
 
 @dataclass

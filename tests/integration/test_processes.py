@@ -190,3 +190,23 @@ async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
     image_data = base64.b64encode(sample.read_bytes()).decode()
     for secret in (MOCK_KEY, image_data[:40], "guest:guest"):
         assert secret not in log and secret not in done.stdout, "no key, password or image data leaks"
+
+
+async def test_without_a_broker_the_worker_stays_alive_not_ready_and_stops_cleanly(spawn_worker) -> None:
+    import httpx  # noqa: PLC0415
+
+    worker = spawn_worker(amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    base = f"http://127.0.0.1:{worker.metrics_port}"
+    for _ in range(100):
+        try:
+            health = httpx.get(f"{base}/healthz", timeout=1)
+            break
+        except httpx.TransportError:
+            await asyncio.sleep(0.1)
+    assert health.status_code == 200
+    ready = httpx.get(f"{base}/readyz", timeout=1)
+    assert ready.status_code == 503
+    assert ready.json()["broker_connected"] is False
+    worker.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
+    assert "cannot reach RabbitMQ" in worker.log()
