@@ -131,13 +131,19 @@ async def run_jobs(
         return time.perf_counter() - started, done
 
 
+def unlimited(mock_url: str) -> None:
+    """A fresh mock without quotas: the benchmarks measure the worker, not the mock's 429s."""
+    httpx.post(f"{mock_url}/_mock/reset").raise_for_status()
+    config: dict[str, Any] = {"model_rpm": None, "quotas": {"default": {}, "flex": {}}}
+    httpx.post(f"{mock_url}/_mock/config", json=config).raise_for_status()
+
+
 def throughput(runs: int, count: int) -> None:
     mock = start_mock(time_scale=0.00001, api_key=KEY, seed=1)
     try:
         rates = []
         for _ in range(runs):
-            httpx.post(f"{mock.url}/_mock/reset")
-            httpx.post(f"{mock.url}/_mock/config", json={"model_rpm": None, "quotas": {"default": {}, "flex": {}}})
+            unlimited(mock.url)
             with (
                 vhost() as amqp,
                 worker(
@@ -169,8 +175,7 @@ def latency(runs: int, count: int, scale: float) -> None:
             phase: {"median": [], "p90": [], "polls": []} for phase in ("cold", "warm")
         }
         for _ in range(runs):
-            httpx.post(f"{mock.url}/_mock/reset")
-            httpx.post(f"{mock.url}/_mock/config", json={"model_rpm": None, "quotas": {"default": {}, "flex": {}}})
+            unlimited(mock.url)
             with (
                 vhost() as amqp,
                 worker(
@@ -213,7 +218,7 @@ def latency(runs: int, count: int, scale: float) -> None:
 def memory(in_flight: int) -> None:
     mock = start_mock(time_scale=1.0, api_key=KEY, seed=3)
     try:
-        httpx.post(f"{mock.url}/_mock/config", json={"model_rpm": None, "quotas": {"default": {}, "flex": {}}})
+        unlimited(mock.url)
         httpx.post(f"{mock.url}/_mock/faults", json={"outcomes": [{"outcome": "hang", "prompt_contains": "boat"}]})
         with (
             vhost() as amqp,
