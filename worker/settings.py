@@ -121,6 +121,12 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one positive delay")
         return tuple(sorted(set(value)))
 
+    @field_validator("api_key", "api_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `SEEDANCE_API_KEY=` (as compose writes `${SEEDANCE_API_KEY:-}`) means no key, not an empty one.
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _one_key_source(self) -> Settings:
         if self.api_key is not None and self.api_key_file is not None:

@@ -210,3 +210,33 @@ async def test_without_a_broker_the_worker_stays_alive_not_ready_and_stops_clean
     worker.signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0
     assert "cannot reach RabbitMQ" in worker.log()
+
+
+async def test_a_second_sigint_exits_at_once(spawn_worker, bus: Bus, mock: Mock) -> None:
+    mock.faults(latency_ms=20000, endpoints=["submit"])  # a submit in flight keeps the drain waiting
+    worker = spawn_worker(drain_timeout_seconds=60, api_timeout_seconds=60)
+    await asyncio.to_thread(wait_ready, worker)
+    await bus.publish(job("stuck-1"))
+    await asyncio.sleep(1.0)  # the worker is inside the 20 s submit by now
+    worker.signal(signal.SIGINT)
+    await asyncio.sleep(0.5)
+    assert worker.proc.poll() is None, "the first SIGINT drains, waiting for the submit"
+    worker.signal(signal.SIGINT)
+    assert await asyncio.to_thread(worker.proc.wait, 5) == 130
+
+
+async def test_a_rotated_key_file_is_picked_up_after_an_auth_fault(
+    spawn_worker, bus: Bus, mock: Mock, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("revoked-key\n")
+    worker = spawn_worker(api_key="", api_key_file=str(key_file))
+    await asyncio.to_thread(wait_ready, worker)  # ready: the key is only tried on the first job
+    await bus.publish(job("rotate-1"))
+    await asyncio.sleep(1.0)
+    assert not bus.terminal("rotate-1"), "a refused key fails no job"
+    assert "refuses this worker's access" in worker.log()
+    key_file.write_text(MOCK_KEY)
+    final = (await bus.wait_terminal(["rotate-1"], timeout=20))["rotate-1"]
+    assert final["status"] == "succeeded"
+    assert "revoked-key" not in worker.log() and MOCK_KEY not in worker.log()

@@ -219,3 +219,11 @@ def test_a_budget_too_small_for_the_cheapest_job_closes_the_tier() -> None:
     limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=MIN_TOKENS * 2 - 1, clock=Clock())
     assert limits.try_acquire(MIN_TOKENS) == 0
     assert limits.wait_time(MIN_TOKENS) > 0
+
+
+def test_an_empty_key_variable_means_no_key(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    key = tmp_path / "key"
+    key.write_text("from-file")
+    monkeypatch.setenv("SEEDANCE_API_KEY", "")
+    monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key))
+    assert Settings().read_api_key() == "from-file"

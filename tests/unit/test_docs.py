@@ -43,3 +43,16 @@ def test_every_dashboard_panel_and_alert_is_in_the_readme() -> None:
     rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/prometheus/alerts.yml").read_text())
     alerts = [rule["alert"] for group in rules["groups"] for rule in group["rules"]]
     assert [a for a in alerts if f"`{a}`" not in README] == []
+
+
+def test_json_log_lines_carry_the_job_and_task_ids() -> None:
+    import json  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from worker.logs import JsonFormatter  # noqa: PLC0415
+
+    record = logging.LogRecord("worker.consumer", logging.INFO, __file__, 1, "job %s", ("succeeded",), None)
+    record.job_id, record.task_id, record.tier = "j-1", "t-1", "flex"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "job succeeded"
+    assert (line["job_id"], line["task_id"], line["tier"], line["level"]) == ("j-1", "t-1", "flex", "info")
