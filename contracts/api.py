@@ -36,6 +36,13 @@ ImageField = Annotated[str, AfterValidator(check_image_field)]
 FRAME_PIXELS: dict[str, int] = {"480p": 864 * 496, "720p": 1280 * 720, "1080p": 1920 * 1080}
 
 
+def _strict_int(value: object) -> object:
+    # A Literal accepts 24.0 for 24; the API's types are strict, so only a JSON integer is one.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be an integer")  # noqa: TRY004 - pydantic reports ValueErrors as field errors
+    return value
+
+
 class SubmitRequest(BaseModel):
     """Body of `POST /v3/async/seedance-v1.5-pro-i2v`.
 
@@ -48,7 +55,7 @@ class SubmitRequest(BaseModel):
     image: ImageField = Field(description="First frame: http(s) URL or data:image/<fmt>;base64,<data>.")
     prompt: str = Field(min_length=1, description="What the video shows; under 500 characters recommended.")
     last_image: ImageField | None = Field(default=None, description="Optional last frame, same rules.")
-    fps: Literal[24] = 24
+    fps: Annotated[Literal[24], BeforeValidator(_strict_int)] = Field(default=24, description="Only 24.")
     seed: StrictInt | None = Field(default=None, ge=-1, le=4294967295, description="-1 means random.")
     ratio: Ratio = "adaptive"
     duration: StrictInt = Field(default=5, ge=4, le=12, description="Seconds of video; billed by it.")

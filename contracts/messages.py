@@ -4,10 +4,11 @@ worker publishes to `seedance.events` (and to a job's `reply_to`)."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 from contracts.api import ServiceTier, SubmitRequest
 
@@ -18,19 +19,51 @@ TIERS: tuple[ServiceTier, ...] = ("default", "flex")
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 METADATA_MAX_BYTES = 16 * 1024
+METADATA_MAX_DEPTH = 32
 
-EventStatus = Literal["submitted", "progress", "succeeded", "failed", "expired", "rejected"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "rejected"})
+# The one definition of event statuses: the last four end a job, and every job ends in exactly one of them.
+TerminalStatus = Literal["succeeded", "failed", "expired", "rejected"]
+EventStatus = Literal["submitted", "progress", TerminalStatus]
+TERMINAL_STATUSES: tuple[TerminalStatus, ...] = get_args(TerminalStatus)
+EVENT_STATUSES: tuple[str, ...] = ("submitted", "progress", *TERMINAL_STATUSES)
+
+
+def _depth(value: object) -> int:
+    """How deeply containers nest in a JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level + 1)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _small_metadata(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    if _depth(value) > METADATA_MAX_DEPTH:
+        raise ValueError(f"metadata nests deeper than {METADATA_MAX_DEPTH} levels")
     size = len(json.dumps(value, separators=(",", ":")).encode())
     if size > METADATA_MAX_BYTES:
         raise ValueError(f"metadata is {size} bytes serialised; at most {METADATA_MAX_BYTES} allowed")
     return value
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _rfc3339_text(value: object) -> object:
+    # pydantic would read a number (or a string of digits) as a Unix time; the contract says RFC 3339.
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or _RFC3339.match(value) is None:
+        raise ValueError("must be an RFC 3339 date-time string with an offset, e.g. 2026-11-24T10:00:00Z")
+    return value
+
+
 Metadata = Annotated[dict[str, JsonValue], AfterValidator(_small_metadata)]
+CreatedAt = Annotated[AwareDatetime | None, BeforeValidator(_rfc3339_text)]
 
 
 class JobMessage(BaseModel):
@@ -45,9 +78,11 @@ class JobMessage(BaseModel):
     job_id: str = Field(pattern=JOB_ID_PATTERN, description="Caller-chosen id, echoed on every event.")
     request: SubmitRequest = Field(description="Exactly the submit body of the API.")
     metadata: Metadata = Field(
-        default_factory=dict, description="Small JSON object echoed back verbatim on every event."
+        default_factory=dict,
+        description=f"Small JSON object echoed back verbatim on every event (at most {METADATA_MAX_BYTES} bytes "
+        f"serialised, {METADATA_MAX_DEPTH} levels deep).",
     )
-    created_at: AwareDatetime | None = Field(
+    created_at: CreatedAt = Field(
         default=None,
         description="When the job was created (RFC 3339 with offset); default: the AMQP timestamp, "
         "else arrival. The deadline is created_at + request.execution_expires_after.",

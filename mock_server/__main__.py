@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
-from typing import NoReturn
+from types import FrameType
 
 import uvicorn
 
+from contracts.commandline import OneLineParser
 from mock_server.app import SimulatedReset, create_app
 from mock_server.state import MockConfig
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: the user sees what is wrong and `--help` is there for the rest.
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class _DropSimulatedResets(logging.Filter):
@@ -47,7 +43,7 @@ def _positive(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="seedance-mock",
         description="Serve a stateful mock of the Seedance 1.5 Pro /v3/async API (submit, task-result) "
         "with quotas, fault injection and a journal under /_mock/*.",
@@ -66,21 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has shut down, so the process would die by it; a stop
+        # that was asked for and carried out is a normal exit (status 0).
+        self._captured_signals.clear()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts so a taken port is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        sys.exit(f"seedance-mock: cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("uvicorn.error").addFilter(_DropSimulatedResets())
+    sock = _listen(args.host, args.port)
     app = create_app(MockConfig(api_key=args.api_key, time_scale=args.time_scale), seed=args.seed)
-    print(f"seedance-mock listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=2,
-    )
+    port = sock.getsockname()[1]
+    print(f"seedance-mock listening on http://{args.host}:{port}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+    _Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

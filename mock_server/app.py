@@ -1,9 +1,10 @@
-"""The mock API as a small ASGI app: the two `/v3/async` endpoints plus a `/_mock/*` test surface.
+"""The mock API: Starlette routes for the two `/v3/async` endpoints and the `/_mock/*` test surface, behind
+one middleware that does to API requests what the network and the gateway would.
 
-Requests pass through the same steps a gateway would take, in this order: injected latency, injected
-faults (connection reset, timeout, 5xx/429, malformed answer), Bearer auth, routing, body validation
-against the shared `contracts` models, quotas, and finally the task state. Every API request lands in the
-journal with the status it was answered; `/_mock/*` calls do not.
+Every API request passes, in this order: injected latency, an injected fault (connection reset, timeout,
+5xx/429, or a garbled answer once the work is done), Bearer auth, then the route: body validation against
+the shared `contracts` models, quotas, and the task state. Each lands in the journal with the status it
+was answered (`/_mock/*` calls do not).
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import MutableMapping
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import validation_message
-from contracts.api import MODEL_NAME, SUBMIT_PATH, TASK_RESULT_PATH, SubmitRequest, TaskStatus
-from mock_server.state import Endpoint, Faults, MockConfig, MockState, Task, iso
+from contracts.api import MODEL_NAME, TASK_RESULT_PATH, SubmitRequest, TaskStatus
+from mock_server.state import Endpoint, Faults, JournalEntry, MockConfig, MockState, Task
 
 M = TypeVar("M", bound=BaseModel)
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 MAX_BODY_BYTES = 128 * 1024 * 1024
 API_PREFIX = "/v3/async/"
@@ -37,23 +39,14 @@ class SimulatedReset(Exception):
     """Raised after the answer has started, so the server drops the connection mid-response."""
 
 
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    reset: bool = False
-
-
 def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return Response(status, json.dumps(payload, separators=(",", ":")).encode(), extra)
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(body, status, headers, media_type="application/json")
 
 
 def error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> Response:
     """The gateway's flat error body."""
-    body = {"code": status, "reason": reason, "message": message, "metadata": {}}
-    return json_response(status, body, headers)
+    return json_response(status, {"code": status, "reason": reason, "message": message, "metadata": {}}, headers)
 
 
 def retry_after(seconds: float) -> str:
@@ -65,152 +58,172 @@ def retry_after(seconds: float) -> str:
 
 
 class MockApp:
-    """ASGI app of the mock. `state` is exposed so in-process tests can look inside."""
+    """The ASGI app of one mock; `state` is exposed so in-process tests can look inside."""
 
     def __init__(self, state: MockState | None = None) -> None:
         self.state = state or MockState()
-        self._openapi: bytes | None = None
+        routes = _Routes(self.state)
+        self._app = FaultsAndJournal(routes.starlette(), self.state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        body = await _read_body(receive)
-        if body is None:
-            response = error(413, "INVALID_REQUEST_BODY", f"body larger than {MAX_BODY_BYTES} bytes")
-        else:
-            response = await self.handle(scope, body)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(response.body)).encode()),
-        ]
-        if response.reset:
-            # Promise a body, then drop the connection: the client sees the peer vanish mid-answer.
-            promised = [(b"content-type", b"application/json"), (b"content-length", b"64")]
-            await send({"type": "http.response.start", "status": 200, "headers": promised})
-            raise SimulatedReset("connection reset by the mock (injected fault)")
-        for name, value in response.headers:
-            if name == b"content-type":
-                headers[0] = (name, value)
-            else:
-                headers.append((name, value))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body})
+        await self._app(scope, receive, send)
 
-    async def handle(self, scope: Scope, body: bytes) -> Response:
-        method: str = scope["method"]
-        path: str = scope["path"]
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if path.startswith("/_mock/") or path in ("/openapi.json", "/healthz"):
-            return self._control(method, path, body, headers)
-        endpoint: Endpoint = "task-result" if path == TASK_RESULT_PATH else "submit"
-        state = self.state
-        entry: dict[str, Any] = {
-            "method": method,
-            "path": path,
-            "endpoint": endpoint,
-            "time": iso(state.now()),
-        }
+
+class FaultsAndJournal:
+    """What happens to an API request on the way in: latency, injected faults, auth; and the journal."""
+
+    def __init__(self, app: ASGIApp, state: MockState) -> None:
+        self._app = app
+        self._state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self._app(scope, receive, send)
+            return
+        state = self._state
+        endpoint: Endpoint = "task-result" if scope["path"] == TASK_RESULT_PATH else "submit"
+        entry = JournalEntry(scope["method"], scope["path"], endpoint, state.now())
+        scope.setdefault("state", {})["journal"] = entry
         try:
-            response = await self._api(endpoint, method, path, query, headers, body, entry)
-        except BaseException:
-            entry["status"] = 499
-            state.record(entry)
+            await self._serve(scope, receive, send, entry)
+        except SimulatedReset:
+            entry.status = 0
             raise
-        entry["status"] = 0 if response.reset else response.status
-        state.record(entry)
-        return response
+        except BaseException:
+            entry.status = 499  # the client went away (or the mock is stopping) before an answer
+            raise
+        finally:
+            state.record(entry)
 
-    async def _api(
-        self,
-        endpoint: Endpoint,
-        method: str,
-        path: str,
-        query: dict[str, list[str]],
-        headers: dict[str, str],
-        body: bytes,
-        entry: dict[str, Any],
-    ) -> Response:
-        state = self.state
-        faults = state.faults
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, entry: JournalEntry) -> None:
+        faults = self._state.faults
         if faults.latency_ms:
             await asyncio.sleep(faults.latency_ms / 1000)
-        fault = state.roll(endpoint)
-        if fault is not None:
-            entry["fault"] = fault
+        fault = self._state.roll(entry.endpoint)
+        entry.fault = fault
         if fault == "reset":
-            return Response(200, b"", reset=True)
+            # Read the request (the API got it), promise a body, then drop the connection: the client sees
+            # the peer vanish mid-answer. (Unread request bytes would make the close a TCP reset instead.)
+            while (await receive()).get("more_body", False):
+                pass
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"64")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            raise SimulatedReset("connection reset by the mock (injected fault)")
         if fault == "timeout":
             await asyncio.sleep(faults.timeout_seconds)
-            return error(504, "GATEWAY_TIMEOUT", "upstream timed out")
-        if fault is not None and fault != "malformed":
-            return _injected_status(int(fault), faults)
-
-        denied = self._authenticate(headers)
-        if denied is not None:
-            return denied
-        if endpoint == "task-result":
-            response = self._task_result(method, query, entry, headers)
+            answer: Response | None = error(504, "GATEWAY_TIMEOUT", "upstream timed out")
+        elif fault is not None and fault != "malformed":
+            answer = _injected_status(int(fault), faults)
         else:
-            response = self._submit(method, path, body, entry)
-        if fault == "malformed" and response.status == 200:
-            response.body = response.body[: max(1, len(response.body) // 2)]
-        return response
+            answer = self._authenticate(scope)
+        if answer is not None:
+            entry.status = answer.status_code
+            await answer(scope, receive, send)
+            return
+        await self._app(scope, receive, _Recording(send, entry, garble=fault == "malformed"))
 
-    def _authenticate(self, headers: dict[str, str]) -> Response | None:
-        auth_fault = self.state.faults.auth
+    def _authenticate(self, scope: Scope) -> Response | None:
+        auth_fault = self._state.faults.auth
         if auth_fault is not None:
             return error(auth_fault.status, auth_fault.reason, auth_fault.message)
-        scheme, _, token = headers.get("authorization", "").partition(" ")
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return error(401, "FAILED_TO_AUTH", "missing or malformed Authorization header; use Bearer <key>")
-        expected = self.state.config.api_key
+        expected = self._state.config.api_key
         if expected is not None and token.strip() != expected:
             return error(403, "INVALID_API_KEY", "the API key is not valid")
         return None
 
-    def _submit(self, method: str, path: str, body: bytes, entry: dict[str, Any]) -> Response:
-        model = path.removeprefix(API_PREFIX)
-        if not path.startswith(API_PREFIX) or model != MODEL_NAME:
+
+class _Recording:
+    """A `send` that notes the answer's status in the journal and, for a garbled answer, halves a 200 body."""
+
+    def __init__(self, send: Send, entry: JournalEntry, *, garble: bool) -> None:
+        self._send = send
+        self._entry = entry
+        self._garble = garble
+        self._start: MutableMapping[str, Any] | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._entry.status = message["status"]
+            if self._garble and message["status"] == 200:
+                self._start = message  # held back until the body is known: its length changes
+                return
+        elif message["type"] == "http.response.body" and self._start is not None:
+            body = message.get("body", b"")
+            body = body[: max(1, len(body) // 2)]
+            headers = [(k, v) for k, v in self._start["headers"] if k != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await self._send({**self._start, "headers": headers})
+            self._start = None
+            message = {"type": "http.response.body", "body": body}
+        await self._send(message)
+
+
+class _Routes:
+    """The handlers, over one MockState."""
+
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+        self._openapi: bytes | None = None
+
+    def starlette(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route(TASK_RESULT_PATH, self.task_result, methods=["GET"]),
+                Route(API_PREFIX + "{model:path}", self.submit, methods=["POST"]),
+                Route("/_mock/tasks", self.tasks, methods=["GET"]),
+                Route("/_mock/requests", self.requests, methods=["GET"]),
+                Route("/_mock/faults", self.faults, methods=["GET", "POST"]),
+                Route("/_mock/config", self.config, methods=["GET", "POST"]),
+                Route("/_mock/reset", self.reset, methods=["POST"]),
+                Route("/_mock/advance", self.advance, methods=["POST"]),
+                Route("/_mock/videos/{task_id}.mp4", self.video, methods=["GET", "HEAD"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
+                Route("/healthz", self.healthz, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: _http_error},
+        )
+
+    # the API
+    async def submit(self, request: Request) -> Response:
+        model = request.path_params["model"]
+        if model != MODEL_NAME:
             return error(404, "MODEL_NOT_FOUND", f"model {model!r} not found")
-        if method != "POST":
-            return error(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {SUBMIT_PATH}; use POST")
+        body = await _read_body(request)
+        if body is None:
+            return error(413, "INVALID_REQUEST_BODY", f"body larger than {MAX_BODY_BYTES} bytes")
         try:
             payload = json.loads(body)
         except ValueError:
             return error(400, "INVALID_REQUEST_BODY", "request body is not valid JSON")
         try:
-            request = SubmitRequest.model_validate(payload)
+            submitted = SubmitRequest.model_validate(payload)
         except ValidationError as exc:
             return error(400, "INVALID_REQUEST_BODY", validation_message(exc))
-        entry["tier"] = request.service_tier
-        state = self.state
-        verdict = state.check_quota(request)
+        entry: JournalEntry = request.state.journal
+        entry.tier = submitted.service_tier
+        verdict = self.state.check_quota(submitted)
         if verdict is not None:
             return error(429, "RATE_LIMIT_EXCEEDED", verdict.message, {"Retry-After": retry_after(verdict.retry_after)})
-        task = state.create_task(request)
-        entry["task_id"] = task.task_id
+        task = self.state.create_task(submitted)
+        entry.task_id = task.task_id
         return json_response(200, {"task_id": task.task_id})
 
-    def _task_result(
-        self, method: str, query: dict[str, list[str]], entry: dict[str, Any], headers: dict[str, str]
-    ) -> Response:
-        if method != "GET":
-            return error(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {TASK_RESULT_PATH}; use GET")
-        task_id = (query.get("task_id") or [""])[0].strip()
+    async def task_result(self, request: Request) -> Response:
+        task_id = request.query_params.get("task_id", "").strip()
         if not task_id:
             return error(400, "INVALID_REQUEST_BODY", "task_id: query parameter is required")
-        entry["task_id"] = task_id
+        request.state.journal.task_id = task_id
         task = self.state.tasks.get(task_id)
         if task is None:
             return error(404, "TASK_NOT_FOUND", "task not found")
         task.polls += 1
-        return json_response(200, self._result_body(task, headers))
+        return json_response(200, self._result_body(task, request))
 
-    def _result_body(self, task: Task, headers: dict[str, str]) -> dict[str, Any]:
+    def _result_body(self, task: Task, request: Request) -> dict[str, Any]:
         state = self.state
         seen = state.view(task)
         now = state.now()
@@ -227,9 +240,10 @@ class MockApp:
         videos = []
         if seen.status is TaskStatus.SUCCEED:
             ttl = state.config.video_url_ttl
+            base = state.config.public_url or f"{request.url.scheme}://{request.headers.get('host', 'mock.invalid')}"
             videos.append(
                 {
-                    "video_url": self._video_url(task, headers),
+                    "video_url": f"{base.rstrip('/')}/_mock/videos/{task.task_id}.mp4",
                     "video_url_ttl": str(ttl) if state.config.ttl_as_string else ttl,
                     "video_type": "mp4",
                 }
@@ -249,78 +263,88 @@ class MockApp:
             "extra": {"seed": str(task.seed), "debug_info": debug},
         }
 
-    def _video_url(self, task: Task, headers: dict[str, str]) -> str:
-        base = self.state.config.public_url or f"http://{headers.get('host', 'mock.invalid')}"
-        return f"{base.rstrip('/')}/_mock/videos/{task.task_id}.mp4"
-
     # the test surface
-    def _control(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
-        state = self.state
-        if path == "/healthz":
-            return json_response(200, {"status": "ok"})
-        if path == "/openapi.json":
-            return Response(200, self._openapi_document())
-        if path.startswith("/_mock/videos/") and method == "GET":
-            return self._video(path.removeprefix("/_mock/videos/").removesuffix(".mp4"))
-        route = (method, path)
-        if route == ("GET", "/_mock/tasks"):
-            tasks = list(state.task_summaries())
-            return json_response(200, {"count": len(tasks), "tasks": tasks})
-        if route == ("GET", "/_mock/requests"):
-            return json_response(200, {"count": len(state.journal), "requests": list(state.journal)})
-        if route == ("GET", "/_mock/faults"):
-            return json_response(200, state.faults.model_dump(mode="json"))
-        if route == ("POST", "/_mock/faults"):
-            parsed = _parse(Faults, body)
+    async def tasks(self, request: Request) -> Response:
+        tasks = list(self.state.task_summaries())
+        return json_response(200, {"count": len(tasks), "tasks": tasks})
+
+    async def requests(self, request: Request) -> Response:
+        journal = [entry.as_json() for entry in self.state.journal]
+        return json_response(200, {"count": len(journal), "requests": journal})
+
+    async def faults(self, request: Request) -> Response:
+        if request.method == "POST":
+            parsed = _parse(Faults, await request.body())
             if isinstance(parsed, Response):
                 return parsed
-            state.set_faults(parsed)
-            return json_response(200, parsed.model_dump(mode="json"))
-        if route == ("GET", "/_mock/config"):
-            return json_response(200, _public_config(state.config))
-        if route == ("POST", "/_mock/config"):
+            self.state.set_faults(parsed)
+        return json_response(200, self.state.faults.model_dump(mode="json"))
+
+    async def config(self, request: Request) -> Response:
+        if request.method == "POST":
             try:
-                patch = json.loads(body or b"{}")
-                merged = MockConfig.model_validate({**state.config.model_dump(), **patch})
+                patch = json.loads(await request.body() or b"{}")
+                merged = MockConfig.model_validate({**self.state.config.model_dump(), **patch})
             except ValidationError as exc:
                 return error(400, "INVALID_REQUEST_BODY", validation_message(exc))
             except (ValueError, TypeError):
                 return error(400, "INVALID_REQUEST_BODY", "body must be a JSON object")
-            state.config = merged
-            return json_response(200, _public_config(merged))
-        if route == ("POST", "/_mock/reset"):
-            state.reset()
-            return json_response(200, {"status": "reset"})
-        if route == ("POST", "/_mock/advance"):
-            try:
-                seconds = float(json.loads(body)["seconds"])
-            except (ValueError, KeyError, TypeError):
-                return error(400, "INVALID_REQUEST_BODY", 'body must be {"seconds": <simulated seconds>}')
-            state.advance(seconds)
-            return json_response(200, {"advanced": seconds})
-        return error(404, "NOT_FOUND", f"no route {method} {path}")
+            self.state.config = merged
+        shown = self.state.config.model_dump(mode="json")
+        shown["api_key"] = "<set>" if self.state.config.api_key else None
+        return json_response(200, shown)
 
-    def _video(self, task_id: str) -> Response:
-        task = self.state.tasks.get(task_id)
-        if task is None:
-            return error(404, "NOT_FOUND", "no such video")
-        seen = self.state.view(task)
-        if seen.status is not TaskStatus.SUCCEED or seen.finished_at is None:
+    async def reset(self, request: Request) -> Response:
+        self.state.reset()
+        return json_response(200, {"status": "reset"})
+
+    async def advance(self, request: Request) -> Response:
+        try:
+            seconds = float(json.loads(await request.body())["seconds"])
+        except (ValueError, KeyError, TypeError):
+            return error(400, "INVALID_REQUEST_BODY", 'body must be {"seconds": <simulated seconds>}')
+        self.state.advance(seconds)
+        return json_response(200, {"advanced": seconds})
+
+    async def video(self, request: Request) -> Response:
+        task = self.state.tasks.get(request.path_params["task_id"])
+        seen = self.state.view(task) if task is not None else None
+        if seen is None or seen.status is not TaskStatus.SUCCEED or seen.finished_at is None:
             return error(404, "NOT_FOUND", "no such video")
         if self.state.now() > seen.finished_at + self.state.config.video_url_ttl:
             return error(403, "ACCESS_DENY", "the video URL has expired")
-        return Response(200, FAKE_MP4, [(b"content-type", b"video/mp4")])
+        return Response(FAKE_MP4, 200, media_type="video/mp4")
 
-    def _openapi_document(self) -> bytes:
+    async def openapi(self, request: Request) -> Response:
         if self._openapi is None:
             self._openapi = resources.files("contracts").joinpath("openapi.json").read_bytes()
-        return self._openapi
+        return Response(self._openapi, 200, media_type="application/json")
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
 
 
-def _public_config(config: MockConfig) -> dict[str, Any]:
-    shown = config.model_dump(mode="json")
-    shown["api_key"] = "<set>" if config.api_key else None
-    return shown
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405, in the gateway's flat error body."""
+    assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
+    if exc.status_code == 405:
+        allowed = exc.headers.get("Allow", "") if exc.headers else ""
+        return error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on {request.url.path}; use {allowed}")
+    if exc.status_code == 404:
+        return error(404, "NOT_FOUND", f"no route {request.method} {request.url.path}")
+    return error(exc.status_code, "ERROR", str(exc.detail))
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None past MAX_BODY_BYTES (read no further than that)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse(model: type[M], body: bytes) -> M | Response:
@@ -338,33 +362,6 @@ def _injected_status(status: int, faults: Faults) -> Response:
         return error(400, "INVALID_REQUEST_BODY", "request rejected (injected 400 fault)")
     reason = "SERVICE_NOT_AVAILABLE" if status == 503 else "INTERNAL_SERVER_ERROR"
     return error(status, reason, f"injected {status} fault")
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def create_app(config: MockConfig | None = None, *, seed: int | None = None) -> MockApp:

@@ -28,6 +28,7 @@ from contracts.api import ServiceTier, SubmitRequest, TaskStatus
 
 Outcome = Literal["succeed", "fail", "hang"]
 Endpoint = Literal["submit", "task-result"]
+SERVER_ERRORS = ("500", "502", "503", "504")
 
 
 class TierQuota(BaseModel):
@@ -106,7 +107,9 @@ class Faults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    status_rates: dict[Literal["400", "429", "500", "502", "503", "504"], float] = Field(default_factory=dict)
+    status_rates: dict[Literal["400", "429", "500", "502", "503", "504", "5xx"], float] = Field(
+        default_factory=dict, description='Share of requests answered with a status; "5xx" picks 500/502/503/504.'
+    )
     retry_after: float | None = Field(default=1.0, ge=0, description="Retry-After (real s) on injected 429.")
     latency_ms: float = Field(default=0.0, ge=0, description="Added to every API request.")
     timeout_rate: float = Field(default=0.0, ge=0, le=1)
@@ -172,6 +175,36 @@ def view(task: Task, now: float, expired_reason: str) -> TaskView:
     return TaskView(TaskStatus.FAILED, 0, task.reason, task.planned_end)
 
 
+@dataclass(slots=True)
+class JournalEntry:
+    """One API request as the mock saw it: filled in as the request is served, recorded when it ends.
+
+    `status` is 0 for an injected connection reset and 499 when the client left before an answer.
+    """
+
+    method: str
+    path: str
+    endpoint: Endpoint
+    time: float
+    status: int = 499
+    task_id: str | None = None
+    tier: ServiceTier | None = None
+    fault: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        shown: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path,
+            "endpoint": self.endpoint,
+            "time": iso(self.time),
+            "status": self.status,
+        }
+        for key in ("task_id", "tier", "fault"):
+            if getattr(self, key) is not None:
+                shown[key] = getattr(self, key)
+        return shown
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaVerdict:
     message: str
@@ -209,7 +242,7 @@ class MockState:
         self.rng = random.Random(self._seed)
         self.set_faults(Faults())
         self.tasks: dict[str, Task] = {}
-        self.journal: deque[dict[str, Any]] = deque(maxlen=self.JOURNAL_LIMIT)
+        self.journal: deque[JournalEntry] = deque(maxlen=self.JOURNAL_LIMIT)
         self._offset = 0.0
         self._epoch = time.time()
         self._rpm: dict[str, _Window] = {"model": _Window(), "default": _Window(), "flex": _Window()}
@@ -323,7 +356,7 @@ class MockState:
             return "timeout"
         for status, rate in faults.status_rates.items():
             if rate and rng.random() < rate:
-                return status
+                return rng.choice(SERVER_ERRORS) if status == "5xx" else status
         if faults.malformed_rate and rng.random() < faults.malformed_rate:
             return "malformed"
         return None
@@ -334,7 +367,7 @@ class MockState:
         self._remaining = [f.count if f.count is not None else 2**62 for f in faults.outcomes]
 
     # journal
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: JournalEntry) -> None:
         self.journal.append(entry)
 
     def task_summaries(self) -> Iterable[dict[str, Any]]:

@@ -9,24 +9,25 @@ import logging
 import os
 import signal
 import sys
-from typing import NoReturn
 
 import httpx
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
-from contracts import validation_message
-from contracts.messages import TIERS
+from contracts.commandline import OneLineParser
+from worker.access import ApiAccess
 from worker.api_client import ApiClient
 from worker.cli import redact
-from worker.consumer import Worker
 from worker.handler import JobHandler
 from worker.health import HealthServer
+from worker.intake import Intake
 from worker.limits import TierLimits
 from worker.logs import configure
 from worker.metrics import Metrics
-from worker.settings import Settings
+from worker.service import Service
+from worker.settings import Settings, describe, unknown_variables
+from worker.stopping import Stopping
 
 log = logging.getLogger("worker")
 
@@ -47,13 +48,8 @@ def _environment_help() -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    return _Parser(
+    return OneLineParser(
         prog="seedance-worker",
         description="Consume Seedance jobs from RabbitMQ, submit them to the video API, track them and "
         "publish completion events. Configured only through the environment.",
@@ -62,17 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
-async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+async def serve(settings: Settings, stopping: Stopping) -> None:
+    """Run the worker with these settings until `stopping` is set, then drain and close everything."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    for tier in TIERS:
-        metrics.tier_limit.labels(tier, "rpm").set(settings.rpm(tier))
-        metrics.tier_limit.labels(tier, "max_in_flight").set(settings.max_in_flight(tier))
-        metrics.tier_limit.labels(tier, "daily_tokens").set(settings.daily_tokens(tier) or 0)
-    limits = {
-        tier: TierLimits(settings.rpm(tier), settings.max_in_flight(tier), settings.daily_tokens(tier))
-        for tier in TIERS
-    }
+    limits = {}
+    for tier, config in settings.tiers.items():
+        metrics.tier_limit.labels(tier, "rpm").set(config.rpm)
+        metrics.tier_limit.labels(tier, "max_in_flight").set(config.max_in_flight)
+        metrics.tier_limit.labels(tier, "daily_tokens").set(config.daily_tokens or 0)
+        limits[tier] = TierLimits(config.rpm, config.max_in_flight, config.daily_tokens)
     timeout = httpx.Timeout(settings.api_timeout_seconds, connect=min(10.0, settings.api_timeout_seconds))
     async with contextlib.AsyncExitStack() as stack:
         http = await stack.enter_async_context(
@@ -85,21 +80,19 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
             )
         )
         api = ApiClient(http, settings.read_api_key, metrics)
-        worker: Worker | None = None
-
-        async def sleep(seconds: float) -> bool:
-            assert worker is not None  # noqa: S101
-            return await worker.sleep(seconds)
-
-        handler = JobHandler(settings, api, limits, metrics, sleep=sleep)
-        worker = Worker(settings, handler, api, limits, metrics, stopping)
+        access = ApiAccess(api, metrics, stopping, retry_max_seconds=settings.auth_retry_max_seconds)
+        stack.push_async_callback(access.close)
+        intake = Intake(settings, limits, access, metrics, stopping)
+        access.on_change = intake.wake
+        handler = JobHandler(settings, api, limits, access, metrics, stopping)
+        service = Service(settings, handler, intake, metrics, stopping, access)
         await stack.enter_async_context(
-            HealthServer(registry, worker.readiness, settings.metrics_host, settings.metrics_port)
+            HealthServer(registry, service.readiness, settings.metrics_host, settings.metrics_port)
         )
-        await worker.run()
+        await service.run()
 
 
-def _install_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> None:
+def _install_signals(loop: asyncio.AbstractEventLoop, stopping: Stopping) -> None:
     def first(sig: signal.Signals) -> None:
         if stopping.is_set():
             if sig == signal.SIGINT:
@@ -114,7 +107,7 @@ def _install_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -
 
 
 async def _main(settings: Settings) -> None:
-    stopping = asyncio.Event()
+    stopping = Stopping()
     _install_signals(asyncio.get_running_loop(), stopping)
     await serve(settings, stopping)
 
@@ -124,8 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        sys.exit(f"seedance-worker: invalid configuration: {validation_message(exc)}")
+        sys.exit(f"seedance-worker: invalid configuration: {describe(exc)}")
     configure(settings.log_level, settings.log_format)
+    for name in unknown_variables(os.environ):
+        log.warning("ignoring %s: no such setting (seedance-worker --help lists them)", name)
     if settings.read_api_key() is None:
         log.warning("no API key configured (SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE): not ready until one is")
     try:

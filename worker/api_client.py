@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from contracts.api import SUBMIT_PATH, TASK_RESULT_PATH, ErrorBody, SubmitRequest, SubmitResponse, TaskResult
 from worker.errors import (
+    AnswerLost,
     ApiError,
     ConfigurationFault,
     PermanentApiError,
@@ -82,15 +83,15 @@ class ApiClient:
         try:
             return SubmitResponse.model_validate_json(response.content).task_id
         except ValidationError:
-            # The task may exist even though its id was lost; the caller retries (documented risk).
-            raise TransientApiError("submit", "answer is not a task id", status=None, reason="malformed") from None
+            # The API said 200: the task exists, but its id is lost with the answer.
+            raise AnswerLost("submit", "answer is not a task id", reason="malformed") from None
 
     async def task_result(self, task_id: str) -> TaskResult:
         response = await self._send("task-result", "GET", TASK_RESULT_PATH, params={"task_id": task_id})
         try:
             return TaskResult.model_validate_json(response.content)
         except ValidationError:
-            raise TransientApiError("task-result", "answer is not a task result", reason="malformed") from None
+            raise AnswerLost("task-result", "answer is not a task result", reason="malformed") from None
 
     async def check_access(self) -> None:
         """Raise ConfigurationFault while the key, account or model is unusable.
@@ -111,12 +112,22 @@ class ApiClient:
         started = time.perf_counter()
         try:
             response = await self._client.request(method, path, headers=headers, **kwargs)
-        except httpx.TimeoutException:
+        except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout) as exc:
+            # Never sent whole: the API cannot have acted on it.
             self._observe(endpoint, "timeout", started)
-            raise TransientApiError(endpoint, "request timed out", reason="timeout") from None
-        except httpx.TransportError as exc:
+            raise TransientApiError(endpoint, f"request not sent ({type(exc).__name__})", reason="timeout") from None
+        except httpx.ReadTimeout:
+            self._observe(endpoint, "timeout", started)
+            raise AnswerLost(
+                endpoint, "no answer in time; the request may have been acted on", reason="timeout"
+            ) from None
+        except (httpx.ConnectError, httpx.WriteError, httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
             self._observe(endpoint, "transport", started)
-            raise TransientApiError(endpoint, type(exc).__name__, reason="transport") from None
+            raise TransientApiError(endpoint, f"request not sent ({type(exc).__name__})", reason="transport") from None
+        except httpx.RequestError as exc:
+            # Read, protocol and decoding errors: the connection failed after the request went out.
+            self._observe(endpoint, "transport", started)
+            raise AnswerLost(endpoint, f"answer lost ({type(exc).__name__})", reason="transport") from None
         self._observe(endpoint, str(response.status_code), started)
         if response.status_code != 200:
             raise error_from_response(endpoint, response)

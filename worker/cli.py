@@ -10,40 +10,37 @@ import json
 import logging
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from pydantic import ValidationError
 
 from contracts import validation_message
+from contracts.commandline import OneLineParser
 from contracts.images import ImageError, to_data_uri
-from contracts.messages import EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES, JobMessage
+from contracts.messages import EVENT_STATUSES, EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES, JobMessage
+from worker.service import broker_error
 
 DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
-STATUSES = ("submitted", "progress", "succeeded", "failed", "expired", "rejected")
 
 
 class UsageError(Exception):
     """A bad argument: reported in one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="seedance", description="Publish Seedance jobs and follow their events.")
+    parser = OneLineParser(prog="seedance", description="Publish Seedance jobs and follow their events.")
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("SEEDANCE_AMQP_URL", DEFAULT_AMQP),
         help="RabbitMQ URL (default: $SEEDANCE_AMQP_URL or amqp://guest:guest@localhost:5672/)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     enqueue = commands.add_parser("enqueue", help="publish one job to seedance.jobs")
     enqueue.add_argument("--file", type=Path, help="a JSON job message; flags below override its request fields")
@@ -52,21 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--last-image", help="last frame: an http(s) URL or a local image file")
     enqueue.add_argument("--prompt", help="what the video shows")
     enqueue.add_argument("--duration", type=int, help="seconds of video, 4-12 (default 5)")
-    enqueue.add_argument("--resolution", choices=["480p", "720p", "1080p"])
-    enqueue.add_argument("--ratio", choices=["16:9", "4:3", "1:1", "3:4", "9:16", "21:9", "adaptive"])
-    enqueue.add_argument("--tier", choices=["default", "flex"], help="service tier (default: default)")
-    enqueue.add_argument("--seed", type=int)
+    enqueue.add_argument("--resolution", choices=["480p", "720p", "1080p"], help="video resolution (default 720p)")
+    enqueue.add_argument(
+        "--ratio",
+        choices=["16:9", "4:3", "1:1", "3:4", "9:16", "21:9", "adaptive"],
+        help="aspect ratio (default adaptive: follows the image)",
+    )
+    enqueue.add_argument(
+        "--tier", choices=["default", "flex"], help="service tier: default (online) or flex (offline, half price)"
+    )
+    enqueue.add_argument("--seed", type=int, help="random seed, -1 to 4294967295 (default: random)")
     enqueue.add_argument("--no-audio", action="store_true", help="generate a silent video")
-    enqueue.add_argument("--watermark", action="store_true")
-    enqueue.add_argument("--camera-fixed", action="store_true")
+    enqueue.add_argument("--watermark", action="store_true", help="add the provider's watermark")
+    enqueue.add_argument("--camera-fixed", action="store_true", help="keep the camera still")
     enqueue.add_argument("--expires-after", type=int, help="execution_expires_after in seconds (3600-259200)")
     enqueue.add_argument("--metadata", help="a JSON object echoed back on every event")
     enqueue.add_argument("--wait", action="store_true", help="print the job's events until its terminal one")
     enqueue.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
+    enqueue.add_argument(
+        "--status-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --wait, how often to say on stderr that the job is still waiting (0: never; default 30)",
+    )
 
     events = commands.add_parser("events", help="print events from seedance.events as JSON lines")
     events.add_argument("--job-id", help="only this job's events")
-    events.add_argument("--status", action="append", choices=STATUSES, help="only these statuses (repeatable)")
+    events.add_argument("--status", action="append", choices=EVENT_STATUSES, help="only these statuses (repeatable)")
     events.add_argument("--count", type=int, help="stop after this many events")
     events.add_argument("--timeout", type=float, help="stop after this many seconds")
     return parser
@@ -120,7 +130,9 @@ def build_job(args: argparse.Namespace) -> JobMessage:
         try:
             message["metadata"] = json.loads(args.metadata)
         except ValueError:
-            raise UsageError("--metadata must be a JSON object") from None
+            raise UsageError("--metadata is not valid JSON (it must be a JSON object)") from None
+        if not isinstance(message["metadata"], dict):
+            raise UsageError("--metadata must be a JSON object, e.g. '{\"order\": 42}'")
     try:
         return JobMessage.model_validate(message)
     except ValidationError as exc:
@@ -172,20 +184,46 @@ async def enqueue(args: argparse.Namespace) -> int:
         print(json.dumps({"enqueued": job.job_id, "tier": job.request.service_tier}), flush=True)
         if queue is None:
             return 0
-        try:
-            async with asyncio.timeout(args.timeout), queue.iterator() as messages:
-                async for incoming in messages:
-                    await incoming.ack()
-                    event = json.loads(incoming.body)
-                    if event.get("job_id") != job.job_id:
-                        continue
-                    _print(incoming.body)
-                    if event.get("status") in TERMINAL_STATUSES:
-                        return 0 if event["status"] == "succeeded" else 1
-        except TimeoutError:
-            print(f"seedance: no terminal event within {args.timeout:.0f} s", file=sys.stderr)
-            return 3
-    return 1
+        return await _wait(queue, job.job_id, args.timeout, args.status_every)
+
+
+async def _wait(queue: AbstractQueue, job_id: str, give_up_after: float, status_every: float) -> int:
+    """Print the job's events until its terminal one (exit 0 on success, 1 otherwise, 3 after `give_up_after` s);
+    meanwhile say every `status_every` seconds, on stderr, what the job is waiting in."""
+    started = time.monotonic()
+    last, last_at, progress = "enqueued", started, 0
+    async with queue.iterator() as messages:
+        while (left := started + give_up_after - time.monotonic()) > 0:
+            try:
+                incoming = await asyncio.wait_for(anext(messages), min(left, status_every or left))
+            except TimeoutError:
+                if time.monotonic() < started + give_up_after:
+                    now = time.monotonic()
+                    shown = f" ({progress} % rendered)" if last == "progress" else ""
+                    print(
+                        f"seedance: {job_id} still waiting: last event {last}{shown} {_ago(now - last_at)} ago, "
+                        f"{_ago(now - started)} since it was enqueued",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            await incoming.ack()
+            event = json.loads(incoming.body)
+            if event.get("job_id") != job_id:
+                continue
+            _print(incoming.body)
+            last, last_at = str(event.get("status")), time.monotonic()
+            progress = event.get("progress_percent") or progress
+            if last in TERMINAL_STATUSES:
+                return 0 if last == "succeeded" else 1
+    print(f"seedance: no terminal event within {give_up_after:.0f} s", file=sys.stderr)
+    return 3
+
+
+def _ago(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 async def events(args: argparse.Namespace) -> int:
@@ -207,6 +245,16 @@ async def events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_amqp_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname or not port_ok:
+        raise UsageError("--amqp-url (or SEEDANCE_AMQP_URL) must look like amqp://user:password@host:5672/vhost")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # This tool reports failures itself, in one line; the AMQP libraries would add their own.
@@ -214,12 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(library).setLevel(logging.CRITICAL)
     command = enqueue if args.command == "enqueue" else events
     try:
+        _check_amqp_url(args.amqp_url)
         code = asyncio.run(command(args))
     except UsageError as exc:
         print(f"seedance: error: {exc}", file=sys.stderr)
         code = 2
     except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
-        print(f"seedance: cannot talk to RabbitMQ at {redact(args.amqp_url)}: {exc}", file=sys.stderr)
+        vhost = unquote(urlsplit(args.amqp_url).path[1:]) or "/"
+        print(f"seedance: {broker_error(exc, vhost)} (at {redact(args.amqp_url)})", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

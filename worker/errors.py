@@ -2,9 +2,12 @@
 
     WorkerError
     ├── InvalidJob            the message cannot become a job  -> dead-letter, `rejected` event, ack
+    ├── LimitReached          a tier's limit is full for now   -> hold the job, or put it back in its queue
     └── ApiError              the API answered badly or not at all (carries endpoint, status, reason)
         ├── TransientApiError     429, 5xx, timeout, reset, garbled answer -> back off and retry
-        │   └── RateLimited           429: also closes the tier's gate until Retry-After
+        │   ├── RateLimited           429: also closes the tier's gate until Retry-After
+        │   └── AnswerLost            the request reached the API, its answer did not reach us: the task
+        │                             may exist, so a retry may pay twice (SEEDANCE_AMBIGUOUS_SUBMIT)
         ├── PermanentApiError     400 and other 4xx -> the job fails with the API's message
         │   └── TaskNotFound          404 on a task id: retried a few times, then the job fails
         └── ConfigurationFault    401, 403, 404 model -> no job fails: stop taking jobs until the key works
@@ -15,19 +18,34 @@ worker never puts the Authorization header or image data in an exception.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# Why a message could not become a job; also the label values of `seedance_jobs_rejected_total`.
+RejectReason = Literal["invalid_json", "schema", "oversize", "invalid_state"]
+REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
+
 
 class WorkerError(Exception):
     """Base of every error the worker raises on purpose."""
 
 
 class InvalidJob(WorkerError):
-    """A message that is not a valid job; `reason` is a short label (metrics), `job_id` when readable."""
+    """A message that is not a valid job: `reason` from a fixed set, `job_id` when one could be read."""
 
-    def __init__(self, reason: str, message: str, job_id: str | None = None) -> None:
+    def __init__(self, reason: RejectReason, message: str, job_id: str | None = None) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason: RejectReason = reason
         self.message = message
         self.job_id = job_id
+
+
+class LimitReached(WorkerError):
+    """A limit of the tier (requests per minute, tasks in flight, tokens per day) is full for `wait` seconds."""
+
+    def __init__(self, limit: str, wait: float) -> None:
+        super().__init__(f"{limit} limit reached; retry in {wait:.2f} s")
+        self.limit = limit
+        self.wait = wait
 
 
 class ApiError(WorkerError):
@@ -64,6 +82,10 @@ class RateLimited(TransientApiError):
     """429: a quota of the tier is exhausted for now."""
 
 
+class AnswerLost(TransientApiError):
+    """The request was sent but its answer was lost (timeout, reset mid-answer, garbled body)."""
+
+
 class PermanentApiError(ApiError):
     """The API refused the request itself; sending it again cannot help."""
 
@@ -74,3 +96,19 @@ class TaskNotFound(PermanentApiError):
 
 class ConfigurationFault(ApiError):
     """The key, the account or the model is wrong: no job is to blame."""
+
+
+__all__ = [
+    "REJECT_REASONS",
+    "AnswerLost",
+    "ApiError",
+    "ConfigurationFault",
+    "InvalidJob",
+    "LimitReached",
+    "PermanentApiError",
+    "RateLimited",
+    "RejectReason",
+    "TaskNotFound",
+    "TransientApiError",
+    "WorkerError",
+]

@@ -1,22 +1,24 @@
 """The job logic, free of the broker: what to do with a job message and with a tracking state.
 
-Each call returns an outcome for the consumer to carry out (publish, then ack):
+Each call returns a complete outcome for the consumer to carry out (publish, confirm, then ack); the
+consumer never calls back in:
 
 - `Track`: publish this tracking state to come back after `delay` seconds (and these events);
 - `Finish`: publish this terminal event;
-- `Defer`: put the job back in its queue untouched (a limit or back-off would hold it too long).
+- `Defer`: put the job back in its queue untouched (a limit or back-off would hold it too long);
+- `Reject`: dead-letter the message with its reason (and publish this `rejected` event, when there is one).
 
-Invalid messages raise `InvalidJob`, auth/account faults raise `ConfigurationFault` (see worker.errors).
+Nothing here raises on bad input or on API faults: an unreadable message is a `Reject`, an auth or account
+fault is reported to worker.access and the job goes back (`Defer`) or the task is polled later (`Track`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -27,11 +29,14 @@ from contracts import validation_message
 from contracts.api import EXPIRES_MAX, EXPIRES_MIN, ServiceTier, TaskResult, TaskStatus
 from contracts.messages import JOB_ID_PATTERN, JobEvent, JobMessage
 from worker import events
+from worker.access import ApiAccess
 from worker.api_client import ApiClient
 from worker.backoff import backoff_delay
 from worker.errors import (
+    AnswerLost,
     ConfigurationFault,
     InvalidJob,
+    LimitReached,
     PermanentApiError,
     RateLimited,
     TaskNotFound,
@@ -40,6 +45,7 @@ from worker.errors import (
 from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
+from worker.stopping import Stopping
 from worker.tracking import PollSchedule, TrackingState, capped
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ class Delivery:
     reply_to: str | None = None
     correlation_id: str | None = None
     attempts: int = 0
+    redelivered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +72,7 @@ class Track:
     state: TrackingState
     delay: float
     events: tuple[JobEvent, ...] = ()
-    slot: TierLimits | None = None  # released by the consumer once the state is confirmed
+    submitted: bool = False  # the API just accepted the task: the double-submission window is open
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +88,17 @@ class Defer:
     attempts: int
 
 
-Outcome = Track | Finish | Defer
+@dataclass(frozen=True, slots=True)
+class Reject:
+    error: InvalidJob
+    event: JobEvent | None  # the `rejected` event, when the message had a readable job_id
+
+
+Outcome = Track | Finish | Defer | Reject
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-async def _never_interrupted(seconds: float) -> bool:
-    await asyncio.sleep(seconds)
-    return True
 
 
 class JobHandler:
@@ -99,45 +107,39 @@ class JobHandler:
         settings: Settings,
         api: ApiClient,
         limits: Mapping[ServiceTier, TierLimits],
+        access: ApiAccess,
         metrics: Metrics,
+        stopping: Stopping,
         *,
         clock: Callable[[], datetime] = utcnow,
-        sleep: Callable[[float], Awaitable[bool]] = _never_interrupted,
     ) -> None:
-        """`sleep(seconds)` returns False when interrupted (the worker is stopping)."""
         self._settings = settings
         self._api = api
         self._limits = limits
+        self._access = access
         self._metrics = metrics
+        self._stopping = stopping
         self._schedule = PollSchedule(settings)
         self._clock = clock
-        self._sleep = sleep
 
     # Jobs
-    def parse(self, delivery: Delivery) -> tuple[JobMessage, TrackingState]:
-        """The job in a message and its initial tracking state; InvalidJob when it is no valid job."""
+    def read(self, delivery: Delivery) -> tuple[JobMessage, TrackingState]:
+        """The job in a message and its first tracking state; InvalidJob, whatever is wrong with it."""
         body = delivery.body
-        if len(body) > self._settings.max_message_bytes:
+        limit = self._settings.max_message_bytes
+        if len(body) > limit:
             found = _JOB_ID.search(body[:4096])
             raise InvalidJob(
                 "oversize",
-                f"message is {len(body)} bytes; at most {self._settings.max_message_bytes} accepted "
-                "(pass large images as URLs)",
+                f"message is {len(body)} bytes; at most {limit} accepted (pass large images as URLs)",
                 found.group(1).decode() if found else None,
             )
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidJob("invalid_json", f"message is not JSON: {exc.__class__.__name__}") from None
-        job_id = data.get("job_id") if isinstance(data, dict) else None
-        if not (isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id)):
-            job_id = None
-        if not isinstance(data, dict):
-            raise InvalidJob("schema", "message must be a JSON object", None)
-        try:
-            job = JobMessage.model_validate(data)
+            job = JobMessage.model_validate_json(body)
         except ValidationError as exc:
-            raise InvalidJob("schema", validation_message(exc), job_id) from None
+            raise _invalid(exc, body) from None
+        except Exception as exc:  # whatever else a hostile message finds: it is still only a bad message
+            raise InvalidJob("schema", f"message cannot be read ({type(exc).__name__})", None) from None
         created = job.created_at or delivery.timestamp or self._clock()
         request = job.request
         state = TrackingState(
@@ -157,11 +159,20 @@ class JobHandler:
         return job, state
 
     async def handle_job(self, delivery: Delivery) -> Outcome:
-        job, state = self.parse(delivery)
+        try:
+            job, state = self.read(delivery)
+        except InvalidJob as exc:
+            rejected = None
+            if exc.job_id is not None:
+                rejected = events.rejected(exc.job_id, events.error("INVALID_JOB", exc.message), self._clock())
+            return Reject(exc, rejected)
         if job.request.service_tier != delivery.tier:
             log.info("job runs in the tier its request names", extra={"job_id": job.job_id, "tier": state.tier})
         if self._clock() >= state.deadline:
             return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
+        if delivery.redelivered:
+            # A delivery RabbitMQ hands out again may have been submitted by a worker that then died.
+            self._metrics.possible_duplicates.labels(state.tier, "redelivered").inc()
         return await self._submit(job, state)
 
     async def _submit(self, job: JobMessage, state: TrackingState) -> Outcome:
@@ -170,26 +181,23 @@ class JobHandler:
         held = 0.0
         failures = 0
         while True:
-            wait = limits.try_acquire(state.tokens)
-            if wait > 0:
-                if held + wait > settings.max_hold_seconds:
-                    return Defer("tier limit reached", state.created_at, state.attempts)
-                step = min(wait, settings.in_flight_refresh_seconds)
-                if not await self._sleep(step):
-                    return Defer("worker stopping", state.created_at, state.attempts)
-                held += step
-                continue
             now = self._clock()
             if now >= state.deadline:
-                limits.release(tracked=False)
                 return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
-            window = min(EXPIRES_MAX, max(EXPIRES_MIN, math.ceil((state.deadline - now).total_seconds())))
-            request = job.request.model_copy(update={"execution_expires_after": window})
-            state = state.model_copy(update={"attempts": state.attempts + 1})
+            wait = 0.0
             try:
-                task_id = await self._api.submit(request)
+                async with limits.slot(state.tokens) as slot:
+                    window = min(EXPIRES_MAX, max(EXPIRES_MIN, math.ceil((state.deadline - now).total_seconds())))
+                    request = job.request.model_copy(update={"execution_expires_after": window})
+                    state = state.model_copy(update={"attempts": state.attempts + 1})
+                    task_id = await self._api.submit(request)
+                    slot.keep()
+                return self._submitted(state, task_id)
+            except LimitReached as full:
+                if held + full.wait > settings.max_hold_seconds:
+                    return Defer(f"{full.limit} limit reached", state.created_at, state.attempts)
+                wait = min(full.wait, settings.in_flight_refresh_seconds)
             except RateLimited as exc:
-                limits.release(tracked=False)
                 self._metrics.api_retries.labels("submit", "429").inc()
                 limits.block_for(
                     exc.retry_after
@@ -197,37 +205,42 @@ class JobHandler:
                 )
                 continue
             except TransientApiError as exc:
-                limits.release(tracked=False)
+                if isinstance(exc, AnswerLost):
+                    self._metrics.possible_duplicates.labels(state.tier, "answer_lost").inc()
+                    if settings.ambiguous_submit == "fail":
+                        return self._finish(
+                            state,
+                            "failed",
+                            "SUBMIT_AMBIGUOUS",
+                            f"the submit's answer was lost, the task may exist; not sent again: {exc}",
+                        )
                 failures += 1
                 if failures >= settings.submit_max_attempts:
                     return self._finish(state, "failed", "RETRIES_EXHAUSTED", f"{failures} attempts failed: {exc}")
-                delay = backoff_delay(
+                wait = backoff_delay(
                     failures,
                     base=settings.retry_base_seconds,
                     cap=settings.retry_max_seconds,
                     retry_after=exc.retry_after,
                 )
-                if now + timedelta(seconds=delay) >= state.deadline:
+                if now + timedelta(seconds=wait) >= state.deadline:
                     return self._finish(
                         state, "expired", "DEADLINE_EXCEEDED", f"no retry fits before the deadline: {exc}"
                     )
-                if held + delay > settings.max_hold_seconds:
+                if held + wait > settings.max_hold_seconds:
                     return Defer("back-off longer than the hold limit", state.created_at, state.attempts)
                 self._metrics.api_retries.labels("submit", exc.label).inc()
-                log.warning("submit failed, retrying in %.1f s: %s", delay, exc, extra={"job_id": state.job_id})
-                if not await self._sleep(delay):
-                    return Defer("worker stopping", state.created_at, state.attempts)
-                held += delay
-                continue
+                log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
+            except ConfigurationFault as exc:
+                self._access.refused(exc)
+                return Defer("the API refuses this worker's access", state.created_at, state.attempts)
             except PermanentApiError as exc:
-                limits.release(tracked=False)
                 return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
-            except BaseException:
-                limits.release(tracked=False)
-                raise
-            return self._submitted(state, task_id, limits)
+            if not await self._stopping.sleep(wait):
+                return Defer("worker stopping", state.created_at, state.attempts)
+            held += wait
 
-    def _submitted(self, state: TrackingState, task_id: str, limits: TierLimits) -> Track:
+    def _submitted(self, state: TrackingState, task_id: str) -> Track:
         """The API accepted the task: its first tracking state, the `submitted` event, the first poll time."""
         submitted_at = self._clock()
         state = state.model_copy(update={"task_id": task_id, "submitted_at": submitted_at})
@@ -238,7 +251,7 @@ class JobHandler:
         waited = max(0.0, (submitted_at - state.created_at).total_seconds())
         self._metrics.queue_wait.labels(state.tier).observe(waited)
         delay = (next_poll - submitted_at).total_seconds()
-        return Track(state, delay, (events.event(state, "submitted", submitted_at),), slot=limits)
+        return Track(state, delay, (events.event(state, "submitted", submitted_at),), submitted=True)
 
     # Tracking
     async def handle_tracking(self, state: TrackingState) -> Track | Finish:
@@ -252,6 +265,9 @@ class JobHandler:
             return self._finish(state, "failed", "INVALID_STATE", "tracking state without a task id")
         try:
             result = await self._api.task_result(state.task_id)
+        except ConfigurationFault as exc:
+            self._access.refused(exc)
+            return Track(state, self._settings.tiers[state.tier].poll_max_seconds)
         except TaskNotFound as exc:
             state = state.model_copy(update={"poll_errors": state.poll_errors + 1})
             if state.poll_errors >= NOT_FOUND_LIMIT:
@@ -309,8 +325,10 @@ class JobHandler:
     def _retry_poll(self, state: TrackingState, now: datetime, retry_after: float | None) -> Track | Finish:
         if now >= state.deadline:
             return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed while the API was failing")
-        low, high = self._settings.poll_bounds(state.tier)
-        delay = backoff_delay(state.poll_errors, base=low, cap=high, retry_after=retry_after)
+        tier = self._settings.tiers[state.tier]
+        delay = backoff_delay(
+            state.poll_errors, base=tier.poll_min_seconds, cap=tier.poll_max_seconds, retry_after=retry_after
+        )
         next_poll = capped(now, delay, state.deadline)
         state = state.model_copy(update={"next_poll_at": next_poll})
         return Track(state, (next_poll - now).total_seconds())
@@ -318,11 +336,22 @@ class JobHandler:
     def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
 
-    def rejected_event(self, error: InvalidJob) -> JobEvent | None:
-        """The `rejected` event of an invalid message whose job_id could be read."""
-        if error.job_id is None:
-            return None
-        return events.rejected(error.job_id, events.error("INVALID_JOB", error.message), self._clock())
+
+def _invalid(error: ValidationError, body: bytes) -> InvalidJob:
+    """The rejection of a body pydantic refused: not JSON at all, or JSON that is no job."""
+    if error.errors(include_url=False)[0]["type"] == "json_invalid":
+        return InvalidJob("invalid_json", "message is not JSON (or nests too deeply)", None)
+    return InvalidJob("schema", validation_message(error), _readable_job_id(body))
 
 
-__all__ = ["ConfigurationFault", "Defer", "Delivery", "Finish", "JobHandler", "Outcome", "Track"]
+def _readable_job_id(body: bytes) -> str | None:
+    """The message's job_id when it is a well-formed one (for the `rejected` event), else None."""
+    try:
+        data = json.loads(body)
+    except Exception:
+        return None
+    job_id = data.get("job_id") if isinstance(data, dict) else None
+    return job_id if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id) else None
+
+
+__all__ = ["Defer", "Delivery", "Finish", "JobHandler", "Outcome", "Reject", "Track"]

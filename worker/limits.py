@@ -15,11 +15,26 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from worker.errors import LimitReached
+
 MINUTE = 60.0
+
+
+class Slot:
+    """A place for one task in the tier, taken for one submit: `keep()` once the API accepted the task."""
+
+    __slots__ = ("kept",)
+
+    def __init__(self) -> None:
+        self.kept = False
+
+    def keep(self) -> None:
+        self.kept = True
 
 
 @dataclass
@@ -56,6 +71,22 @@ class TierLimits:
         if self.daily_tokens is not None and self._tokens_today() + tokens > self.daily_tokens:
             waits.append(self._seconds_to_midnight())
         return max(0.0, *waits)
+
+    @asynccontextmanager
+    async def slot(self, tokens: int) -> AsyncIterator[Slot]:
+        """Take a place for one submit of `tokens` tokens, or raise LimitReached.
+
+        The place is given back when the block ends, unless `keep()` was called: then the task holds it
+        (its tracking message counts in the broker) until the task ends.
+        """
+        wait = self.try_acquire(tokens)
+        if wait > 0:
+            raise LimitReached("tier", wait)
+        taken = Slot()
+        try:
+            yield taken
+        finally:
+            self.release(tracked=taken.kept)
 
     def try_acquire(self, tokens: int) -> float:
         """Take a slot for one submit and return 0, or take nothing and return the seconds to wait."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from contracts.messages import TIERS
+from contracts.messages import EVENT_STATUSES, TERMINAL_STATUSES, TIERS
+from worker.errors import REJECT_REASONS
 
-TERMINAL = ("succeeded", "failed", "expired", "rejected")
-REJECT_REASONS = ("invalid_json", "schema", "oversize")
+DUPLICATE_CAUSES = ("answer_lost", "redelivered")
 ENDPOINTS = ("submit", "task-result")
 RESOLUTIONS = ("480p", "720p", "1080p")
 # Queue waits run from seconds (default) to hours (flex); durations add the render time.
@@ -134,6 +134,13 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
             registry=registry,
         )
+        self.possible_duplicates = Counter(
+            "seedance_submits_possibly_duplicated",
+            "Submits that may repeat one the API already acted on: its answer was lost (answer_lost), or the "
+            "job was handed out again by RabbitMQ after a worker stopped or died holding it (redelivered).",
+            ["tier", "cause"],
+            registry=registry,
+        )
         self.events_published = Counter(
             "seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry
         )
@@ -147,19 +154,21 @@ class Metrics:
             self.polls.labels(tier)
             self.consumer_paused.labels(tier)
             self.deadline_used.labels(tier)
-            for status in TERMINAL:
+            for status in TERMINAL_STATUSES:
                 self.jobs_completed.labels(tier, status)
                 self.job_duration.labels(tier, status)
             for resolution in RESOLUTIONS:
                 self.video_seconds.labels(tier, resolution)
             for audio in ("true", "false"):
                 self.billed_tokens.labels(tier, audio)
+            for cause in DUPLICATE_CAUSES:
+                self.possible_duplicates.labels(tier, cause)
         for reason in REJECT_REASONS:
             self.jobs_rejected.labels(reason)
         for endpoint in ENDPOINTS:
             self.api_duration.labels(endpoint)
             self.api_requests.labels(endpoint, "200")
-        for status in ("submitted", "progress", *TERMINAL):
-            self.events_published.labels(status)
+        for event_status in EVENT_STATUSES:
+            self.events_published.labels(event_status)
         self.worker_ready.set(0)
         self.api_access_ok.set(1)

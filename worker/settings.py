@@ -6,19 +6,41 @@ variable name, default and description; the README lists them too.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.api import ServiceTier
+from contracts.messages import TIERS
+
+PREFIX = "SEEDANCE_"
+
+
+@dataclass(frozen=True, slots=True)
+class TierSettings:
+    """The settings of one tier, read from `SEEDANCE_<TIER>_*`; times already multiplied by the poll scale."""
+
+    name: ServiceTier
+    rpm: int
+    max_in_flight: int
+    daily_tokens: int | None
+    prefetch: int
+    expected_seconds: float
+    poll_min_seconds: float
+    poll_max_seconds: float
 
 
 class Settings(BaseSettings):
     """Everything the worker can be told. Every field maps to `SEEDANCE_<FIELD NAME IN CAPITALS>`."""
 
-    model_config = SettingsConfigDict(env_prefix="SEEDANCE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
 
     # Where things are
     amqp_url: SecretStr = Field(
@@ -50,6 +72,11 @@ class Settings(BaseSettings):
     )
     auth_retry_max_seconds: float = Field(
         default=300.0, gt=0, description="Longest wait between checks of the key after an auth/account fault."
+    )
+    ambiguous_submit: Literal["retry", "fail"] = Field(
+        default="retry",
+        description="A submit whose answer was lost (timeout, reset, garbled) may have created a task: `retry` "
+        "sends it again (it may be paid twice), `fail` ends the job failed with SUBMIT_AMBIGUOUS.",
     )
 
     # Tier limits (per worker for RPM and tokens; tasks in flight are counted in the broker, for all replicas)
@@ -121,41 +148,62 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one positive delay")
         return tuple(sorted(set(value)))
 
-    @field_validator("api_key", "api_key_file", mode="before")
+    @field_validator("api_key", "api_key_file", "default_daily_tokens", "flex_daily_tokens", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        # `SEEDANCE_API_KEY=` (as compose writes `${SEEDANCE_API_KEY:-}`) means no key, not an empty one.
+        # `SEEDANCE_API_KEY=` (as compose writes `${SEEDANCE_API_KEY:-}`) means unset, not empty.
         return None if value == "" else value
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        # The message never quotes the URL: it may hold a password.
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost (or amqps://)")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is no number
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
+        return value
+
     @model_validator(mode="after")
-    def _one_key_source(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("set SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE, not both")
+        for tier in TIERS:
+            low, high = getattr(self, f"{tier}_poll_min_seconds"), getattr(self, f"{tier}_poll_max_seconds")
+            if low > high:
+                name = f"{PREFIX}{tier.upper()}_POLL_MIN_SECONDS"
+                raise ValueError(f"{name} ({low}) is above {PREFIX}{tier.upper()}_POLL_MAX_SECONDS ({high})")
         return self
 
-    # Per-tier views, so callers never spell "default_"/"flex_" themselves.
-    def rpm(self, tier: ServiceTier) -> int:
-        return self.default_rpm if tier == "default" else self.flex_rpm
+    @cached_property
+    def tiers(self) -> Mapping[ServiceTier, TierSettings]:
+        """Each tier's settings, so callers never spell `default_`/`flex_` themselves."""
+        scale = self.poll_scale
 
-    def max_in_flight(self, tier: ServiceTier) -> int:
-        return self.default_max_in_flight if tier == "default" else self.flex_max_in_flight
+        def one(tier: ServiceTier) -> TierSettings:
+            def get(name: str) -> Any:
+                return getattr(self, f"{tier}_{name}")
 
-    def daily_tokens(self, tier: ServiceTier) -> int | None:
-        return self.default_daily_tokens if tier == "default" else self.flex_daily_tokens
+            return TierSettings(
+                name=tier,
+                rpm=get("rpm"),
+                max_in_flight=get("max_in_flight"),
+                daily_tokens=get("daily_tokens"),
+                prefetch=get("prefetch"),
+                expected_seconds=get("expected_seconds") * scale,
+                poll_min_seconds=get("poll_min_seconds") * scale,
+                poll_max_seconds=get("poll_max_seconds") * scale,
+            )
 
-    def prefetch(self, tier: ServiceTier) -> int:
-        return self.default_prefetch if tier == "default" else self.flex_prefetch
+        return {tier: one(tier) for tier in TIERS}
 
-    def poll_bounds(self, tier: ServiceTier) -> tuple[float, float]:
-        if tier == "default":
-            bounds = (self.default_poll_min_seconds, self.default_poll_max_seconds)
-        else:
-            bounds = (self.flex_poll_min_seconds, self.flex_poll_max_seconds)
-        return bounds[0] * self.poll_scale, bounds[1] * self.poll_scale
-
-    def expected_seconds(self, tier: ServiceTier) -> float:
-        base = self.default_expected_seconds if tier == "default" else self.flex_expected_seconds
-        return base * self.poll_scale
+    @property
+    def vhost(self) -> str:
+        """The virtual host the AMQP URL names (`/` when it names none)."""
+        return unquote(urlsplit(self.amqp_url.get_secret_value()).path[1:]) or "/"
 
     def read_api_key(self) -> str | None:
         """The key as it is now: from the variable, or freshly read from the file (which may rotate)."""
@@ -167,3 +215,28 @@ class Settings(BaseSettings):
             except OSError:
                 return None
         return None
+
+
+def variable(field: str) -> str:
+    """The environment variable of a settings field."""
+    return f"{PREFIX}{field.upper()}"
+
+
+def describe(error: ValidationError) -> str:
+    """One line naming each bad variable and what is wrong with it; never the value (it may be a secret)."""
+    parts = []
+    for err in error.errors(include_input=False, include_url=False, include_context=False):
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{variable(str(err['loc'][0]))}: {message}" if err["loc"] else message)
+    return "; ".join(parts)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """`SEEDANCE_*` variables that name no setting, each with the closest setting when one is close."""
+    known = {variable(name) for name in Settings.model_fields}
+    found = []
+    for name in sorted(environ):
+        if name.startswith(PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found

@@ -71,7 +71,7 @@ class PollSchedule:
         self._speed: dict[str, float] = {}
 
     def expected_seconds(self, tier: ServiceTier, duration: int, resolution: str) -> float:
-        base = self._settings.expected_seconds(tier)
+        base = self._settings.tiers[tier].expected_seconds
         return base * duration / 5 * RESOLUTION_FACTOR.get(resolution, 1.0)
 
     def observe(self, tier: ServiceTier, duration: int, resolution: str, seconds: float) -> None:
@@ -86,7 +86,7 @@ class PollSchedule:
 
     def first_delay(self, state: TrackingState) -> float:
         """Seconds from submission to the first poll: 80 % of the time the task should take."""
-        low, _ = self._settings.poll_bounds(state.tier)
+        low = self._settings.tiers[state.tier].poll_min_seconds
         speed = self.speed(state.tier)
         if speed is None:
             return 2 * low
@@ -94,7 +94,8 @@ class PollSchedule:
 
     def next_delay(self, state: TrackingState, result: TaskResult, now: datetime) -> float:
         """Seconds until the next poll of an unfinished task."""
-        low, high = self._settings.poll_bounds(state.tier)
+        tier = self._settings.tiers[state.tier]
+        low, high = tier.poll_min_seconds, tier.poll_max_seconds
         task = result.task
         if task.eta > 0:
             guess = float(task.eta)

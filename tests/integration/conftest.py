@@ -25,6 +25,7 @@ from contracts.messages import EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES
 from tests.servers import MockProcess, free_port, start_mock
 from worker.__main__ import serve
 from worker.settings import Settings
+from worker.stopping import Stopping
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
 
@@ -174,11 +175,11 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: st
 @pytest.fixture
 async def start_worker(vhost: str, mock: Mock) -> AsyncIterator[Callable[..., Any]]:
     """Factory: run a worker in this event loop (stopped at teardown)."""
-    running: list[tuple[asyncio.Task[None], asyncio.Event]] = []
+    running: list[tuple[asyncio.Task[None], Stopping]] = []
 
     async def start(**overrides: Any) -> RunningWorker:
         settings = Settings(**worker_values(vhost, mock.url, **overrides))
-        stopping = asyncio.Event()
+        stopping = Stopping()
         task = asyncio.create_task(serve(settings, stopping))
         running.append((task, stopping))
         worker = RunningWorker(settings.metrics_port, stopping.set, task)

@@ -148,4 +148,4 @@ async def test_the_mock_mounts_under_respx_at_the_real_base_url() -> None:
             task_id = await caller.submit(REQUEST)
             assert (await caller.task_result(task_id)).task.task_id == task_id
     assert route.call_count == 2
-    assert [r["endpoint"] for r in app.state.journal] == ["submit", "task-result"]
+    assert [r.endpoint for r in app.state.journal] == ["submit", "task-result"]

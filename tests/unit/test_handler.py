@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,12 +16,13 @@ from contracts.api import ServiceTier
 from mock_server import Faults, MockConfig, create_app
 from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
+from worker.access import ApiAccess
 from worker.api_client import ApiClient
-from worker.errors import ConfigurationFault, InvalidJob
-from worker.handler import Defer, Delivery, Finish, JobHandler, Track
+from worker.handler import Defer, Delivery, Finish, JobHandler, Reject, Track
 from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
+from worker.stopping import Stopping
 from worker.tracking import TrackingState
 
 IMAGE = "https://example.com/boat.png"
@@ -32,16 +34,25 @@ def job(**fields: Any) -> bytes:
 
 
 class Env:
-    def __init__(self, app: MockApp, handler: JobHandler, limits: dict[ServiceTier, TierLimits]) -> None:
+    def __init__(
+        self,
+        app: MockApp,
+        handler: JobHandler,
+        limits: dict[ServiceTier, TierLimits],
+        access: ApiAccess,
+        metrics: Metrics,
+    ) -> None:
         self.app = app
         self.handler = handler
         self.limits = limits
+        self.access = access
+        self.metrics = metrics
 
     def faults(self, **faults: object) -> None:
         self.app.state.set_faults(Faults.model_validate(faults))
 
     def submits(self) -> list[dict[str, Any]]:
-        return [r for r in self.app.state.journal if r["endpoint"] == "submit"]
+        return [r for r in self.app.state.journal if r.endpoint == "submit"]
 
 
 @pytest.fixture
@@ -58,18 +69,20 @@ async def env() -> AsyncIterator[Env]:
     async with httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://mock", timeout=2) as http:
         metrics = Metrics(CollectorRegistry())
         limits: dict[ServiceTier, TierLimits] = {t: TierLimits(1000, 1000, None) for t in ("default", "flex")}
-        yield Env(app, JobHandler(settings, ApiClient(http, lambda: "k", metrics), limits, metrics), limits)
+        stopping = Stopping()
+        api = ApiClient(http, lambda: "k", metrics)
+        access = ApiAccess(api, metrics, stopping, retry_max_seconds=0.01)
+        handler = JobHandler(settings, api, limits, access, metrics, stopping)
+        yield Env(app, handler, limits, access, metrics)
+        stopping.set()
+        await access.close()
 
 
-async def until_finished(env: Env, outcome: Track | Finish | Defer) -> Finish:
-    import asyncio  # noqa: PLC0415
-
+async def until_finished(env: Env, outcome: Track | Finish | Defer | Reject) -> Finish:
     for _ in range(1000):
         if isinstance(outcome, Finish):
             return outcome
         assert isinstance(outcome, Track)
-        if outcome.slot is not None:
-            outcome.slot.release(tracked=True)
         await asyncio.sleep(max(0.0, outcome.delay))
         outcome = await env.handler.handle_tracking(outcome.state)
     pytest.fail("never finished")
@@ -124,7 +137,7 @@ async def test_a_job_past_its_deadline_is_expired_without_calling_the_api(env: E
     assert outcome.event.status == "expired"
     assert outcome.event.error is not None and outcome.event.error.code == "DEADLINE_EXCEEDED"
     assert outcome.event.task_id is None
-    assert env.app.state.journal == type(env.app.state.journal)(), "no request reached the API"
+    assert list(env.app.state.journal) == [], "no request reached the API"
 
 
 async def test_the_amqp_timestamp_stands_in_for_a_missing_created_at(env: Env) -> None:
@@ -153,25 +166,26 @@ async def test_the_request_tier_wins_over_the_queue(env: Env) -> None:
 async def test_invalid_messages_are_refused_with_a_reason(
     env: Env, body: bytes, reason: str, job_id: str | None
 ) -> None:
-    with pytest.raises(InvalidJob) as caught:
-        await env.handler.handle_job(Delivery(body, "default"))
-    assert caught.value.reason == reason
-    assert caught.value.job_id == job_id
+    outcome = await env.handler.handle_job(Delivery(body, "default"))
+    assert isinstance(outcome, Reject)
+    assert outcome.error.reason == reason
+    assert outcome.error.job_id == job_id
+    assert (outcome.event is not None) == (job_id is not None), "a rejected event when the job_id is readable"
     assert env.submits() == []
 
 
 async def test_an_oversize_message_is_refused_before_parsing(env: Env) -> None:
     big = job(metadata={"pad": "x" * 100}) + b" " * (64 * 1024 * 1024)
-    with pytest.raises(InvalidJob) as caught:
-        await env.handler.handle_job(Delivery(big, "default"))
-    assert (caught.value.reason, caught.value.job_id) == ("oversize", "job-1")
+    outcome = await env.handler.handle_job(Delivery(big, "default"))
+    assert isinstance(outcome, Reject)
+    assert (outcome.error.reason, outcome.error.job_id) == ("oversize", "job-1")
 
 
 async def test_transient_faults_are_retried_until_the_submit_goes_through(env: Env) -> None:
     env.faults(status_rates={"503": 0.5, "500": 0.3}, reset_rate=0.2, retry_after=None)
     outcomes = [await env.handler.handle_job(Delivery(job(job_id=f"j{i}"), "default")) for i in range(5)]
     assert all(isinstance(o, Track) for o in outcomes)
-    statuses = [r["status"] for r in env.submits()]
+    statuses = [r.status for r in env.submits()]
     assert statuses.count(200) == 5
     assert len(statuses) > 5, "some submits failed and were retried"
     assert sum(o.state.attempts for o in outcomes if isinstance(o, Track)) == len(statuses)
@@ -203,11 +217,18 @@ async def test_a_400_fails_the_job_with_the_apis_message(env: Env) -> None:
     assert "injected 400" in outcome.event.error.message
 
 
-async def test_an_auth_fault_fails_no_job(env: Env) -> None:
+async def test_an_auth_fault_fails_no_job_and_closes_access(env: Env) -> None:
     env.faults(auth={"status": 401, "reason": "FAILED_TO_AUTH", "message": "no"})
-    with pytest.raises(ConfigurationFault):
-        await env.handler.handle_job(Delivery(job(), "default"))
-    assert env.limits["default"].try_acquire(1) == 0, "the slot was given back"
+    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    assert isinstance(outcome, Defer), "the job goes back to its queue, not failed"
+    assert env.access.ok is False
+    assert env.limits["default"].in_flight == 0, "the slot was given back"
+    env.faults()
+    for _ in range(200):  # the probe notices the key works again
+        if env.access.ok:
+            break
+        await asyncio.sleep(0.01)
+    assert env.access.ok is True
 
 
 async def test_a_full_tier_defers_the_job_after_the_hold_limit(env: Env) -> None:
@@ -252,8 +273,6 @@ async def test_progress_events_follow_changes(env: Env) -> None:
     progress: list[int] = []
     while isinstance(outcome, Track):
         progress += [e.progress_percent or 0 for e in outcome.events if e.status == "progress"]
-        import asyncio  # noqa: PLC0415
-
         await asyncio.sleep(0.01)
         outcome = await env.handler.handle_tracking(outcome.state.model_copy(update={"next_poll_at": None}))
     assert outcome.event.status == "succeeded"

@@ -1,0 +1,147 @@
+"""Intake: which queues this replica consumes, and the broker counts that decide it.
+
+A tier's job queue is consumed while the API accepts the worker's key and the tier's limits could admit
+the cheapest job now; otherwise its consumer is cancelled and jobs wait in RabbitMQ, not in memory. The
+tracking queues are consumed while the API accepts the key. Tasks in flight are recounted from the
+broker every `SEEDANCE_IN_FLIGHT_REFRESH_SECONDS` (see `_recount`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from contracts.api import MIN_TOKENS, ServiceTier
+from contracts.messages import DEAD_LETTER_QUEUE, TIERS
+from worker import topology
+from worker.access import ApiAccess
+from worker.consumer import Consumer
+from worker.limits import TierLimits
+from worker.metrics import Metrics
+from worker.settings import Settings
+from worker.stopping import Stopping
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[ServiceTier, AbstractIncomingMessage], Awaitable[None]]
+
+
+@dataclass
+class _Feed:
+    """One queue this replica may consume, and what to call for each of its deliveries."""
+
+    queue: AbstractQueue
+    tier: ServiceTier
+    callback: Callback
+    tag: str | None = None
+
+    async def want(self, on: bool) -> None:
+        if on and self.tag is None:
+            tier, callback = self.tier, self.callback
+
+            async def deliver(message: AbstractIncomingMessage) -> None:
+                await callback(tier, message)
+
+            self.tag = await self.queue.consume(deliver)
+            log.info("consuming %s", self.queue.name)
+        elif not on and self.tag is not None:
+            tag, self.tag = self.tag, None
+            await self.queue.cancel(tag)
+            log.info("paused %s", self.queue.name)
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: Settings,
+        limits: Mapping[ServiceTier, TierLimits],
+        access: ApiAccess,
+        metrics: Metrics,
+        stopping: Stopping,
+    ) -> None:
+        self._settings = settings
+        self._limits = limits
+        self._access = access
+        self._metrics = metrics
+        self._stopping = stopping
+        self._wake = asyncio.Event()
+        self._jobs: dict[ServiceTier, _Feed] = {}
+        self._tracking: dict[ServiceTier, _Feed] = {}
+
+    def wake(self) -> None:
+        """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
+        self._wake.set()
+
+    def consuming(self) -> list[str]:
+        return sorted(feed.queue.name for feed in (*self._jobs.values(), *self._tracking.values()) if feed.tag)
+
+    async def run(self, connection: AbstractRobustConnection, consumer: Consumer) -> None:
+        """Open a channel per queue (each with its own prefetch) and supervise them until stopping."""
+        for tier in TIERS:
+            jobs = await connection.channel()
+            await jobs.set_qos(prefetch_count=self._settings.tiers[tier].prefetch)
+            self._jobs[tier] = _Feed(await jobs.get_queue(topology.job_queue(tier)), tier, consumer.on_job)
+            tracking = await connection.channel()
+            await tracking.set_qos(prefetch_count=self._settings.tracking_prefetch)
+            queue = await tracking.get_queue(topology.tracking_queue(tier))
+            self._tracking[tier] = _Feed(queue, tier, consumer.on_tracking)
+        counter = await connection.channel()
+        # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
+        # make aiormq close its channel with a warning).
+        await asyncio.gather(self._supervise(), self._recount(counter, consumer))
+
+    async def close(self) -> None:
+        """Stop consuming everything (deliveries in hand carry on)."""
+        for feed in (*self._jobs.values(), *self._tracking.values()):
+            with contextlib.suppress(Exception):
+                await feed.want(False)
+
+    async def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            api_ok = self._access.ok
+            for tier in TIERS:
+                # Open only if the cheapest job could go now: a token budget nearly spent closes the tier
+                # rather than take jobs that could only wait and go back.
+                open_ = api_ok and self._limits[tier].wait_time(MIN_TOKENS) == 0
+                self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
+                for feed, on in ((self._jobs[tier], open_), (self._tracking[tier], api_ok)):
+                    try:
+                        await feed.want(on)
+                    except Exception:
+                        log.debug("consumer change on %s failed; next round retries", feed.queue.name, exc_info=True)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._settings.in_flight_refresh_seconds)
+
+    async def _recount(self, channel: AbstractChannel, consumer: Consumer) -> None:
+        """Tasks in flight per tier = tracking messages of the tier in the broker (any replica's).
+
+        The queues are read in the direction messages flow (delay queues, then the tracking queue, then
+        the deliveries in hand), so a message moving during the count is seen twice rather than missed;
+        what this replica submits during the count is added by the limits' own bookkeeping.
+        """
+        while not self._stopping.is_set():
+            try:
+                raw = await channel.get_underlay_channel()
+                for tier in TIERS:
+                    limits = self._limits[tier]
+                    started = limits.recount_started()
+                    total = 0
+                    for name in reversed(topology.tracking_queues(tier, self._settings)):
+                        declared = await raw.queue_declare(name, passive=True)
+                        total += declared.message_count or 0
+                    total += consumer.tracking_in_hand(tier)
+                    limits.recounted(total, started)
+                    self._metrics.tasks_in_flight.labels(tier).set(limits.in_flight)
+                for name in (*(topology.job_queue(t) for t in TIERS), DEAD_LETTER_QUEUE):
+                    declared = await raw.queue_declare(name, passive=True)
+                    self._metrics.queue_messages.labels(name).set(declared.message_count or 0)
+                self._wake.set()
+            except Exception:
+                log.debug("in-flight recount failed; next round retries", exc_info=True)
+            await self._stopping.sleep(self._settings.in_flight_refresh_seconds)

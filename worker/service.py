@@ -1,0 +1,132 @@
+"""The worker's life on the broker: connect (retrying, and giving up at once on shutdown), declare the
+topology, build the publisher and the consumer, hand the queues to intake, and drain on the way out.
+
+    connect -> declare -> Publisher -> Consumer -> Intake.run ... stopping ... Intake.close -> drain -> close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+from worker import topology
+from worker.access import ApiAccess
+from worker.backoff import backoff_delay
+from worker.consumer import Consumer
+from worker.handler import JobHandler
+from worker.intake import Intake
+from worker.metrics import Metrics
+from worker.publisher import Publisher
+from worker.settings import Settings
+from worker.stopping import Stopping
+
+log = logging.getLogger(__name__)
+
+
+def broker_error(exc: BaseException, vhost: str) -> str:
+    """What went wrong connecting, in words an operator can act on; never the URL (it holds a password)."""
+    text = str(exc)
+    if "Connection.Close" in text and "Connection.OpenOk" in text:
+        # RabbitMQ closes the connection at Connection.Open when the vhost is missing or not permitted.
+        return f"RabbitMQ refused the virtual host {vhost!r}: it does not exist, or the user has no access to it"
+    if "ACCESS_REFUSED" in text or "authentication" in text.lower():
+        return "RabbitMQ refused the user name or password"
+    return f"cannot reach RabbitMQ ({type(exc).__name__}: {text[:200]})" if text else type(exc).__name__
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: JobHandler,
+        intake: Intake,
+        metrics: Metrics,
+        stopping: Stopping,
+        access: ApiAccess,
+    ) -> None:
+        self._settings = settings
+        self._handler = handler
+        self._intake = intake
+        self._metrics = metrics
+        self._stopping = stopping
+        self._access = access
+        self._connection: AbstractRobustConnection | None = None
+        self.declared = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connection.connected.is_set()
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz reports: ready when connected, declared, accepted by the API and not stopping."""
+        api_ok = self._access.ok
+        ready = self.declared and self.connected and api_ok and not self._stopping.is_set()
+        self._metrics.worker_ready.set(1 if ready else 0)
+        return {
+            "ready": ready,
+            "broker_connected": self.connected,
+            "topology_declared": self.declared,
+            "api_access_ok": api_ok,
+            "stopping": self._stopping.is_set(),
+            "consuming": self._intake.consuming(),
+        }
+
+    async def run(self) -> None:
+        """Serve until stopping; /healthz stays up meanwhile, /readyz says whether jobs are taken."""
+        connection = await self._connect()
+        if connection is None:
+            return
+        self._connection = connection
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await topology.declare(channel, self._settings)
+            publisher = await Publisher.open(channel, self._settings.tracking_delays_ms)
+            consumer = Consumer(self._handler, publisher, self._metrics)
+            self.declared = True
+            log.info("worker started", extra={"tiers": "default,flex"})
+            intake = asyncio.create_task(self._intake.run(connection, consumer))
+            ready = asyncio.create_task(self._report_readiness())
+            await self._stopping.wait()
+            await self._intake.close()
+            await consumer.drain(self._settings.drain_timeout_seconds)
+            ready.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(intake, timeout=5)
+            await asyncio.gather(ready, return_exceptions=True)
+        finally:
+            self._metrics.worker_ready.set(0)
+            await connection.close()
+
+    async def _report_readiness(self) -> None:
+        while True:
+            self.readiness()
+            await asyncio.sleep(self._settings.in_flight_refresh_seconds)
+
+    async def _connect(self) -> AbstractRobustConnection | None:
+        """Connect to RabbitMQ, retrying with back-off until it answers; None once stopping."""
+        attempt = 0
+        url = self._settings.amqp_url.get_secret_value()
+        while not self._stopping.is_set():
+            connecting = asyncio.ensure_future(
+                aio_pika.connect_robust(url, client_properties={"connection_name": "seedance-worker"})
+            )
+            stopped = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                return None
+            try:
+                return connecting.result()
+            except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, base=1.0, cap=30.0)
+                log.warning("%s; retrying in %.0f s", broker_error(exc, self._settings.vhost), delay)
+                await self._stopping.sleep(delay)
+        return None
