@@ -15,7 +15,7 @@ from mock_server.app import SimulatedReset, create_app
 from mock_server.state import MockConfig
 
 
-class _DropSimulatedResets(logging.Filter):
+class DropSimulatedResets(logging.Filter):
     """uvicorn logs an app exception with its traceback; an injected reset is not an error of ours."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -88,7 +88,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("uvicorn.error").addFilter(_DropSimulatedResets())
+    logging.getLogger("uvicorn.error").addFilter(DropSimulatedResets())
     sock = _listen(args.host, args.port)
     app = create_app(MockConfig(api_key=args.api_key, time_scale=args.time_scale), seed=args.seed)
     port = sock.getsockname()[1]

@@ -1,16 +1,24 @@
-"""Start real processes for tests: the mock API over a socket (and, later, the worker)."""
+"""Start real servers for tests: the mock API as a process, or on a real socket in a thread of the test
+process (one per test: its journal and tasks are that test's alone)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
+import uvicorn
+
+from mock_server import MockConfig, create_app
+from mock_server.__main__ import DropSimulatedResets
+from mock_server.app import MockApp
 
 
 def free_port() -> int:
@@ -66,3 +74,33 @@ def start_mock(
         proc.kill()
         raise
     return MockProcess(proc, url)
+
+
+@dataclass
+class MockThread:
+    """The mock served by uvicorn on 127.0.0.1 in a thread; `app.state` is its state."""
+
+    app: MockApp
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def start_mock_thread(*, time_scale: float = 0.001, api_key: str | None = None, seed: int | None = 7) -> MockThread:
+    logging.getLogger("uvicorn.error").addFilter(DropSimulatedResets())
+    app = create_app(MockConfig(api_key=api_key, time_scale=time_scale), seed=seed)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"mock-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the mock did not start on port {port}")
+        time.sleep(0.01)
+    return MockThread(app, f"http://127.0.0.1:{port}", server, thread)

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from contracts import validation_message
@@ -190,32 +190,36 @@ async def enqueue(args: argparse.Namespace) -> int:
 async def _wait(queue: AbstractQueue, job_id: str, give_up_after: float, status_every: float) -> int:
     """Print the job's events until its terminal one (exit 0 on success, 1 otherwise, 3 after `give_up_after` s);
     meanwhile say every `status_every` seconds, on stderr, what the job is waiting in."""
+    arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_event(incoming: AbstractIncomingMessage) -> None:
+        arrived.put_nowait(incoming.body)
+
+    await queue.consume(on_event, no_ack=True)
     started = time.monotonic()
     last, last_at, progress = "enqueued", started, 0
-    async with queue.iterator() as messages:
-        while (left := started + give_up_after - time.monotonic()) > 0:
-            try:
-                incoming = await asyncio.wait_for(anext(messages), min(left, status_every or left))
-            except TimeoutError:
-                if time.monotonic() < started + give_up_after:
-                    now = time.monotonic()
-                    shown = f" ({progress} % rendered)" if last == "progress" else ""
-                    print(
-                        f"seedance: {job_id} still waiting: last event {last}{shown} {_ago(now - last_at)} ago, "
-                        f"{_ago(now - started)} since it was enqueued",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                continue
-            await incoming.ack()
-            event = json.loads(incoming.body)
-            if event.get("job_id") != job_id:
-                continue
-            _print(incoming.body)
-            last, last_at = str(event.get("status")), time.monotonic()
-            progress = event.get("progress_percent") or progress
-            if last in TERMINAL_STATUSES:
-                return 0 if last == "succeeded" else 1
+    while (left := started + give_up_after - time.monotonic()) > 0:
+        try:
+            body = await asyncio.wait_for(arrived.get(), min(left, status_every or left))
+        except TimeoutError:
+            now = time.monotonic()
+            if now < started + give_up_after:
+                shown = f" ({progress} % rendered)" if last == "progress" else ""
+                print(
+                    f"seedance: {job_id} still waiting: last event {last}{shown} {_ago(now - last_at)} ago, "
+                    f"{_ago(now - started)} since it was enqueued",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            continue
+        event = json.loads(body)
+        if event.get("job_id") != job_id:
+            continue
+        _print(body)
+        last, last_at = str(event.get("status")), time.monotonic()
+        progress = event.get("progress_percent") or progress
+        if last in TERMINAL_STATUSES:
+            return 0 if last == "succeeded" else 1
     print(f"seedance: no terminal event within {give_up_after:.0f} s", file=sys.stderr)
     return 3
 
@@ -231,6 +235,11 @@ async def events(args: argparse.Namespace) -> int:
     async with connection:
         channel = await connection.channel()
         queue = await _follow(channel, args.status)
+        print(
+            f"seedance: following {EVENTS_EXCHANGE} ({', '.join(args.status or ['all statuses'])})",
+            file=sys.stderr,
+            flush=True,
+        )
         seen = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.timeout), queue.iterator() as messages:

@@ -13,6 +13,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 
 from worker import topology
 from worker.access import ApiAccess
@@ -108,25 +109,31 @@ class Service:
             await asyncio.sleep(self._settings.in_flight_refresh_seconds)
 
     async def _connect(self) -> AbstractRobustConnection | None:
-        """Connect to RabbitMQ, retrying with back-off until it answers; None once stopping."""
+        """Connect to RabbitMQ, retrying with back-off until it answers; None as soon as stopping."""
         attempt = 0
         url = self._settings.amqp_url.get_secret_value()
         while not self._stopping.is_set():
-            connecting = asyncio.ensure_future(
-                aio_pika.connect_robust(url, client_properties={"connection_name": "seedance-worker"})
+            connection = aio_pika.RobustConnection(
+                make_url(url), client_properties={"connection_name": "seedance-worker"}
             )
+            connecting = asyncio.ensure_future(connection.connect())
             stopped = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             if not connecting.done():
+                # close(), not just cancel: a cancelled robust connect would schedule a reconnect of its own.
                 connecting.cancel()
+                await connection.close()
                 await asyncio.gather(connecting, return_exceptions=True)
                 return None
             try:
-                return connecting.result()
+                connecting.result()
             except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                await connection.close()
                 attempt += 1
                 delay = backoff_delay(attempt, base=1.0, cap=30.0)
                 log.warning("%s; retrying in %.0f s", broker_error(exc, self._settings.vhost), delay)
                 await self._stopping.sleep(delay)
+                continue
+            return connection
         return None

@@ -36,6 +36,12 @@ async def test_an_injected_status_answers_with_the_flat_error_body(target: Targe
     assert tasks["count"] == 0, "an injected error creates no task"
 
 
+async def test_the_5xx_shorthand_spreads_over_the_server_errors(target: Target) -> None:
+    await set_faults(target, status_rates={"5xx": 1.0})
+    seen = {(await target.api.post(SUBMIT_PATH, json=body())).status_code for _ in range(40)}
+    assert seen <= {500, 502, 503, 504} and len(seen) >= 3
+
+
 async def test_faults_apply_only_to_the_endpoints_named(target: Target) -> None:
     task_id = await submit(target, body())
     await set_faults(target, status_rates={"503": 1.0}, endpoints=["submit"])

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from contracts.messages import EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES
-from tests.servers import MockProcess, free_port, start_mock
+from tests.servers import MockThread, free_port, start_mock_thread
 from worker.__main__ import serve
 from worker.settings import Settings
 from worker.stopping import Stopping
@@ -54,9 +54,10 @@ def vhost() -> Iterator[str]:
     rabbitmqctl("delete_vhost", name)
 
 
-@pytest.fixture(scope="session")
-def mock_server() -> Iterator[MockProcess]:
-    server = start_mock(time_scale=0.001, api_key=MOCK_KEY, seed=23)
+@pytest.fixture
+def mock_server() -> Iterator[MockThread]:
+    """A mock of this test's own over a real socket: nothing another test's worker does can reach it."""
+    server = start_mock_thread(time_scale=0.001, api_key=MOCK_KEY, seed=23)
     yield server
     server.stop()
 
@@ -90,11 +91,9 @@ class Mock:
 
 
 @pytest.fixture
-def mock(mock_server: MockProcess) -> Iterator[Mock]:
+def mock(mock_server: MockThread) -> Iterator[Mock]:
     client = Mock(mock_server.url)
-    client.reset()
     yield client
-    client.reset()
     client.http.close()
 
 
@@ -296,6 +295,11 @@ class Bus:
         raw = await self.channel.get_underlay_channel()
         declared = await raw.queue_declare(name, passive=True)
         return declared.message_count or 0
+
+    async def consumers(self, name: str) -> int:
+        raw = await self.channel.get_underlay_channel()
+        declared = await raw.queue_declare(name, passive=True)
+        return declared.consumer_count or 0
 
     async def get(self, queue_name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
         queue = await self.channel.get_queue(queue_name)

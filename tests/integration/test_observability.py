@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import Bus, Mock, job, wait_ready
+from tests.integration.conftest import Bus, Mock, job, wait_for, wait_ready
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.server, pytest.mark.slow]
@@ -104,6 +104,25 @@ async def query(url: str, expr: str) -> dict[str, Any]:
         return answer
 
 
+async def _has_series(url: str, expr: str) -> bool:
+    return bool((await query(url, expr))["data"]["result"])
+
+
+async def _scraped(url: str) -> float:
+    result = (await query(url, "count_over_time(up[1h])"))["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+async def scrapes(url: str, count: int) -> None:
+    """Wait until Prometheus has scraped the worker `count` more times."""
+    seen = await _scraped(url)
+
+    async def enough() -> bool:
+        return await _scraped(url) >= seen + count
+
+    await wait_for(enough, 30, f"{count} more scrapes")
+
+
 async def test_dashboard_and_alert_queries_work_against_a_live_prometheus(
     spawn_worker, bus: Bus, mock: Mock, prometheus
 ) -> None:
@@ -111,11 +130,9 @@ async def test_dashboard_and_alert_queries_work_against_a_live_prometheus(
     worker = spawn_worker()
     await asyncio.to_thread(wait_ready, worker)
     url = await asyncio.to_thread(start_prometheus, f"127.0.0.1:{worker.metrics_port}")
-    for _ in range(100):  # counters must be scraped at zero before the workload moves them
-        if (await query(url, "seedance_jobs_received_total"))["data"]["result"]:
-            break
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(1.5)
+    # Counters must be scraped at zero (twice) before the workload moves them.
+    await wait_for(lambda: _has_series(url, "seedance_jobs_received_total"), 30, "the first scrape")
+    await scrapes(url, 2)
 
     # A workload that makes every series move: both tiers, throttling and 5xx, a failure, an expiry,
     # two rejections, audio and silent videos.
@@ -135,7 +152,7 @@ async def test_dashboard_and_alert_queries_work_against_a_live_prometheus(
     await bus.publish({"job_id": "obs-bad-1", "request": {"prompt": "no image"}})
     finals = await bus.wait_terminal([*ids, *flex_ids, "obs-doomed-1", "obs-late-1", "obs-bad-1"], timeout=90)
     assert {f["status"] for f in finals.values()} == {"succeeded", "failed", "expired", "rejected"}
-    await asyncio.sleep(6)  # a few more scrapes, so every rate has two samples after the last change
+    await scrapes(url, 4)  # so every rate has two samples after the last change, and alerts were evaluated
 
     empty, failed = [], []
     for title, expr in dashboard_queries():

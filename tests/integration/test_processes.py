@@ -8,6 +8,7 @@ import base64
 import collections
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,17 @@ from pathlib import Path
 import pytest
 
 from contracts.messages import TERMINAL_STATUSES
-from tests.integration.conftest import MOCK_KEY, Bus, Mock, job, wait_ready, worker_env
+from tests.integration.conftest import (
+    AMQP_HOST,
+    MOCK_KEY,
+    Bus,
+    Mock,
+    WorkerProcess,
+    job,
+    wait_for,
+    wait_ready,
+    worker_env,
+)
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
@@ -32,7 +43,7 @@ async def test_sigterm_stops_intake_returns_in_flight_work_and_exits_0(spawn_wor
     await asyncio.to_thread(wait_ready, worker)
     ids = [f"term-{i}" for i in range(20)]
     await bus.publish_many([job(i) for i in ids])
-    await asyncio.sleep(1.0)
+    await wait_for(lambda: any(r["status"] == 429 for r in mock.submits()), what="a throttled submit")
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     code = await asyncio.to_thread(worker.proc.wait, 15)
@@ -111,6 +122,21 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, wor
         ),
         (("worker.cli", "enqueue", "--prompt", "p", "--image", str(ROOT / "pyproject.toml")), 2, "not a readable"),
         (("worker.cli", "frobnicate"), 2, "invalid choice"),
+        (
+            ("worker.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "{x"),
+            2,
+            "not valid JSON",
+        ),
+        (
+            ("worker.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "[1]"),
+            2,
+            "JSON object",
+        ),
+        (
+            ("worker.cli", "--amqp-url", "notaurl", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png"),
+            2,
+            "--amqp-url",
+        ),
         (("mock_server", "--port", "http"), 2, "invalid port"),
         (("mock_server", "--time-scale", "0"), 2, "greater than 0"),
     ],
@@ -123,6 +149,21 @@ def test_a_bad_worker_setting_gets_one_line_and_a_non_zero_exit() -> None:
     done = run("worker", env={"SEEDANCE_DEFAULT_RPM": "lots", "SEEDANCE_API_KEY": "sk-very-secret"})
     assert_one_line_error(done, 1, "SEEDANCE_DEFAULT_RPM")
     assert "sk-very-secret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SEEDANCE_AMQP_URL": "notaurl"}, "SEEDANCE_AMQP_URL: must look like amqp://"),
+        ({"SEEDANCE_AMQP_URL": "amqp://guest:hunter2@host:port/"}, "SEEDANCE_AMQP_URL: has a port"),
+        ({"SEEDANCE_DEFAULT_POLL_MIN_SECONDS": "20"}, "SEEDANCE_DEFAULT_POLL_MIN_SECONDS (20.0) is above"),
+        ({"SEEDANCE_AMBIGUOUS_SUBMIT": "maybe"}, "SEEDANCE_AMBIGUOUS_SUBMIT: Input should be 'retry' or 'fail'"),
+    ],
+)
+def test_a_bad_setting_names_its_variable(env: dict[str, str], words: str) -> None:
+    done = run("worker", env=env)
+    assert_one_line_error(done, 1, words)
+    assert "hunter2" not in done.stderr
 
 
 def test_worker_help_lists_every_setting() -> None:
@@ -155,9 +196,12 @@ async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
         "30",
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
     )
-    await asyncio.sleep(1.0)  # the follower binds its queue
+    assert follower.stderr is not None
+    line = await asyncio.wait_for(follower.stderr.readline(), timeout=30)
+    assert b"following seedance.events" in line, "the follower says once its queue is bound"
     sample = ROOT / "worker" / "samples" / "boat.png"
     done = await asyncio.to_thread(
         run,
@@ -217,9 +261,9 @@ async def test_a_second_sigint_exits_at_once(spawn_worker, bus: Bus, mock: Mock)
     worker = spawn_worker(drain_timeout_seconds=60, api_timeout_seconds=60)
     await asyncio.to_thread(wait_ready, worker)
     await bus.publish(job("stuck-1"))
-    await asyncio.sleep(1.0)  # the worker is inside the 20 s submit by now
+    await wait_for(lambda: metric(worker, "seedance_jobs_received_total") == 1, what="the job in hand")
     worker.signal(signal.SIGINT)
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: "stopping: intake closed, 1 deliveries in hand" in worker.log(), what="the drain")
     assert worker.proc.poll() is None, "the first SIGINT drains, waiting for the submit"
     worker.signal(signal.SIGINT)
     assert await asyncio.to_thread(worker.proc.wait, 5) == 130
@@ -233,10 +277,111 @@ async def test_a_rotated_key_file_is_picked_up_after_an_auth_fault(
     worker = spawn_worker(api_key="", api_key_file=str(key_file))
     await asyncio.to_thread(wait_ready, worker)  # ready: the key is only tried on the first job
     await bus.publish(job("rotate-1"))
-    await asyncio.sleep(1.0)
+    await wait_for(lambda: "refuses this worker's access" in worker.log(), what="the refusal")
+    await wait_for(lambda: _readyz(worker) == 503, what="not ready")
+    await wait_for(lambda: _depth(bus, "seedance.jobs.default", 1), what="the job back in its queue")
     assert not bus.terminal("rotate-1"), "a refused key fails no job"
-    assert "refuses this worker's access" in worker.log()
     key_file.write_text(MOCK_KEY)
     final = (await bus.wait_terminal(["rotate-1"], timeout=20))["rotate-1"]
     assert final["status"] == "succeeded"
     assert "revoked-key" not in worker.log() and MOCK_KEY not in worker.log()
+
+
+def metric(worker: WorkerProcess, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (with these labels) on a worker process's /metrics."""
+    import httpx  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    text = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=2).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _readyz(worker: WorkerProcess) -> int:
+    import httpx  # noqa: PLC0415
+
+    return httpx.get(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=2).status_code
+
+
+async def _depth(bus: Bus, queue: str, expected: int) -> bool:
+    return await bus.queue_depth(queue) == expected
+
+
+async def test_an_unknown_seedance_variable_is_named_at_start_up(spawn_worker) -> None:
+    worker = spawn_worker(defaultrpm=5)
+    await asyncio.to_thread(wait_ready, worker)
+    assert "ignoring SEEDANCE_DEFAULTRPM (did you mean SEEDANCE_DEFAULT_RPM?)" in worker.log()
+
+
+async def test_sigterm_ends_a_connect_that_never_completes(spawn_worker) -> None:
+    import socket  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+
+    with socket.socket() as silent:  # accepts TCP connections (the kernel does) and never speaks AMQP
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        worker = spawn_worker(amqp_url=f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/")
+        health = f"http://127.0.0.1:{worker.metrics_port}/healthz"
+
+        def alive() -> bool:
+            try:
+                return httpx.get(health, timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(alive, what="the worker's health endpoint")
+        started = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.proc.wait, 10) == 0, worker.log()
+    assert time.monotonic() - started < 5, "SIGTERM ends the connect loop promptly"
+
+
+async def test_a_missing_vhost_is_named_by_the_worker_and_the_cli(spawn_worker) -> None:
+    url = f"amqp://guest:guest@{AMQP_HOST}/no-such-vhost"
+    worker = spawn_worker(amqp_url=url)
+    await wait_for(lambda: "does not exist, or the user has no access" in worker.log(), what="the vhost named")
+    assert "'no-such-vhost'" in worker.log()
+    assert _readyz(worker) == 503
+    worker.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
+    done = await asyncio.to_thread(run, "worker.cli", "--amqp-url", url, "events", "--count", "1")
+    assert_one_line_error(done, 1, "RabbitMQ refused the virtual host 'no-such-vhost'")
+
+
+def test_the_mock_on_a_taken_port_says_so_in_one_line() -> None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        done = run("mock_server", "--port", str(taken.getsockname()[1]))
+    assert_one_line_error(done, 1, "cannot listen on 127.0.0.1:")
+
+
+def test_the_mock_exits_0_on_sigterm() -> None:
+    from tests.servers import start_mock  # noqa: PLC0415
+
+    server = start_mock(time_scale=0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
+
+
+async def test_enqueue_wait_says_the_job_is_still_waiting(spawn_worker, bus: Bus, mock: Mock, vhost: str) -> None:
+    mock.faults(outcomes=[{"outcome": "hang", "prompt_contains": "forever"}])
+    worker = spawn_worker()
+    await asyncio.to_thread(wait_ready, worker)
+    args = ("worker.cli", "enqueue", "--image", "https://e.com/a.png", "--prompt", "forever", "--job-id", "wait-1")
+    done = await asyncio.to_thread(
+        run, *args, "--wait", "--timeout", "3", "--status-every", "0.5", env=worker_env(vhost, mock.url)
+    )
+    assert done.returncode == 3, done.stderr
+    assert '"status": "submitted"' in done.stdout
+    waiting = [line for line in done.stderr.splitlines() if "wait-1 still waiting" in line]
+    assert 2 <= len(waiting) <= 7, done.stderr
+    assert re.search(r"last event (submitted|progress \(\d+ % rendered\)) \dm\d\ds ago", waiting[-1]), waiting[-1]
+    assert "no terminal event within 3 s" in done.stderr

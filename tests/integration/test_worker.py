@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -78,12 +78,38 @@ async def test_no_delivery_is_held_while_the_video_renders_and_any_replica_conti
     assert len(mock.submits()) == 1, "continued, not submitted again"
 
 
+def _body(job_id: str, **fields: Any) -> bytes:
+    return json.dumps({"job_id": job_id, "request": {"image": "https://e.com/a.png", "prompt": "p"}, **fields}).encode()
+
+
 @pytest.mark.parametrize(
     ("raw", "reason", "job_id"),
     [
         (b"this is not json", "invalid_json", None),
         (json.dumps({"job_id": "bad-1", "request": {"image": "ftp://x", "prompt": "p"}}).encode(), "schema", "bad-1"),
         (json.dumps({"job_id": "bad-2", "request": {"image": "https://e.com/a.png"}}).encode(), "schema", "bad-2"),
+        # Nesting a few thousand levels deep: json.loads would raise RecursionError.
+        (b'{"job_id": "deep-1", "metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "invalid_json", None),
+        (_body("deep-2", metadata={"a": json.loads("[" * 100 + "]" * 100)}), "schema", "deep-2"),
+        (_body("epoch-1", created_at=12345), "schema", "epoch-1"),
+        (_body("epoch-2", created_at="1700000000"), "schema", "epoch-2"),
+        (_body("utf16-1").decode().encode("utf-16"), "invalid_json", None),
+        (
+            json.dumps({"job_id": None, "request": {"image": "https://e.com/a.png", "prompt": "p"}}).encode(),
+            "schema",
+            None,
+        ),
+    ],
+    ids=[
+        "not-json",
+        "bad-image",
+        "no-prompt",
+        "deep-nesting",
+        "deep-metadata",
+        "epoch",
+        "epoch-text",
+        "utf16",
+        "null-id",
     ],
 )
 async def test_an_invalid_message_is_dead_lettered_with_its_reason(
@@ -96,6 +122,9 @@ async def test_an_invalid_message_is_dead_lettered_with_its_reason(
     assert dead is not None
     assert dead.body == raw, "the message is kept unchanged"
     assert str(dead.headers["x-seedance-reason"]).startswith(reason)
+    assert dead.headers["x-seedance-reason-code"] == reason
+    assert "x-death" not in dead.headers, "dead-lettered by the worker at once, not by RabbitMQ after retries"
+    assert await worker.sample("seedance_jobs_received_total", tier="default") == 1, "delivered once"
     assert dead.headers["x-seedance-routing-key"] == "job.default"
     if job_id is None:
         assert not bus.events
@@ -199,7 +228,15 @@ async def test_an_auth_fault_pauses_intake_and_resumes_by_itself(start_worker, b
     await wait_for(lambda: _status(worker, 503), what="not ready")
     assert await worker.sample("seedance_worker_ready") == 0
     assert await worker.sample("seedance_api_access_ok") == 0
-    await asyncio.sleep(1.0)
+    queues = [f"seedance.{kind}.{tier}" for kind in ("jobs", "tracking") for tier in ("default", "flex")]
+
+    async def paused_with_the_job_back_in_its_queue() -> bool:
+        consumers = [await bus.consumers(q) for q in queues]
+        return consumers == [0, 0, 0, 0] and await bus.queue_depth("seedance.jobs.default") == 1
+
+    await wait_for(paused_with_the_job_back_in_its_queue, what="intake paused, the job back in its queue")
+    assert (await worker.readyz()).json()["consuming"] == [], "readiness says what the broker says"
+    assert [r["status"] for r in mock.submits()][-1] == 403
     assert not bus.terminal("broke-1"), "no job fails for an account fault"
     mock.faults()  # the balance is topped up
     final = (await bus.wait_terminal(["broke-1"], timeout=20))["broke-1"]
@@ -215,7 +252,7 @@ async def test_the_in_flight_limit_holds_jobs_in_rabbitmq(start_worker, bus: Bus
     )
     ids = [f"lim-{i}" for i in range(12)]
     await bus.publish_many([job(i) for i in ids])
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: len(mock.tasks()) == 3, what="three tasks submitted")
     assert await bus.queue_depth("seedance.jobs.default") >= 12 - 3 - 2, "waiting jobs stay in the queue"
     await wait_for(
         lambda: _at_least(worker.sample("seedance_queue_messages", queue="seedance.jobs.default"), 5),

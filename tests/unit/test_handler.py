@@ -298,3 +298,70 @@ async def test_an_early_tracking_message_is_sent_on_without_polling(env: Env) ->
     assert isinstance(outcome, Track)
     assert 39 < outcome.delay <= 40
     assert list(env.app.state.journal) == []
+
+
+@pytest.mark.parametrize("fault", [{"malformed_rate": 1.0}, {"reset_rate": 1.0}])
+async def test_a_lost_submit_answer_is_retried_and_counted_as_a_possible_duplicate(
+    env: Env, fault: dict[str, float]
+) -> None:
+    env.faults(endpoints=["submit"], **fault)
+    env.app.state.set_faults(env.app.state.faults.model_copy(update={"outcomes": []}))
+    outcome_task = asyncio.create_task(env.handler.handle_job(Delivery(job(), "default")))
+    for _ in range(500):  # the first answer is lost; then the fault is lifted and the retry goes through
+        if env.submits():
+            break
+        await asyncio.sleep(0.001)
+    env.faults()
+    outcome = await outcome_task
+    assert isinstance(outcome, Track)
+    lost = [r for r in env.submits() if r.fault is not None]
+    assert len(lost) >= 1 and len(env.submits()) == len(lost) + 1
+    # A garbled answer comes after the work was done: each one left a task behind; a reset did no work.
+    assert len(env.app.state.tasks) == (len(lost) + 1 if "malformed_rate" in fault else 1)
+    duplicates = env.metrics.registry.get_sample_value(
+        "seedance_submits_possibly_duplicated_total", {"tier": "default", "cause": "answer_lost"}
+    )
+    assert duplicates == len(lost)
+
+
+async def test_a_lost_submit_answer_fails_the_job_when_told_not_to_risk_paying_twice(env: Env) -> None:
+    handler = env.handler
+    handler._settings = handler._settings.model_copy(update={"ambiguous_submit": "fail"})
+    env.faults(endpoints=["submit"], malformed_rate=1.0)
+    outcome = await handler.handle_job(Delivery(job(), "default"))
+    assert isinstance(outcome, Finish) and outcome.event.status == "failed"
+    assert outcome.event.error is not None and outcome.event.error.code == "SUBMIT_AMBIGUOUS"
+    assert len(env.submits()) == 1, "not sent again"
+    assert len(env.app.state.tasks) == 1, "the task the API created is named by no event: hence the choice"
+
+
+async def test_a_redelivered_job_counts_as_a_possible_duplicate(env: Env) -> None:
+    await env.handler.handle_job(Delivery(job(), "flex", redelivered=True))
+    value = env.metrics.registry.get_sample_value(
+        "seedance_submits_possibly_duplicated_total", {"tier": "default", "cause": "redelivered"}
+    )
+    assert value == 1, "counted under the tier the job runs in"
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"created_at": 12345}, "created_at: must be an RFC 3339 date-time"),
+        ({"created_at": "2026-11-24T10:00:00"}, "created_at: Input should have timezone info"),
+        ({"request": {"fps": 24.0}}, "request.fps: must be an integer"),
+        ({"request": {"duration": "5"}}, "request.duration"),
+        ({"metadata": {"a": json.loads("[" * 40 + "]" * 40)}}, "nests deeper than 32"),
+    ],
+)
+async def test_loose_types_are_rejected_not_coerced(env: Env, fields: dict[str, Any], words: str) -> None:
+    outcome = await env.handler.handle_job(Delivery(job(**fields), "default"))
+    assert isinstance(outcome, Reject)
+    assert outcome.error.reason == "schema"
+    assert words in outcome.error.message
+    assert env.submits() == []
+
+
+async def test_any_failure_to_read_a_message_is_a_rejection_not_a_crash(env: Env) -> None:
+    deep = b'{"job_id": "x", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    outcome = await env.handler.handle_job(Delivery(deep, "default"))
+    assert isinstance(outcome, Reject) and outcome.error.reason == "invalid_json"

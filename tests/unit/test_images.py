@@ -104,3 +104,75 @@ def test_http_urls_are_accepted(url: str) -> None:
 def test_other_urls_are_rejected(url: str) -> None:
     with pytest.raises(ImageError):
         check_image_field(url)
+
+
+# Checked against a real encoder: Pillow writes every accepted format in its common variants (progressive
+# and CMYK JPEG, a JPEG whose frame header sits behind 60 KB of ICC profile or 20 KB of EXIF, interlaced and
+# 16-bit PNG, lossy, lossless and extended WebP, BMP with alpha, LZW TIFF), at the edges of the rules; the
+# verdict expected follows from the rules alone and the size Pillow reads back.
+def _encode(variant: str, width: int, height: int) -> tuple[str, bytes]:
+    import io  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    rgb = Image.new("RGB", (width, height), (200, 100, 50))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 20_000
+    fmt, image, options = {
+        "png": ("png", rgb, {}),
+        "png-interlaced": ("png", rgb, {"interlace": 1}),
+        "png-16bit": ("png", Image.new("I;16", (width, height)), {}),
+        "jpeg": ("jpeg", rgb, {}),
+        "jpeg-progressive": ("jpeg", rgb, {"progressive": True}),
+        "jpeg-cmyk": ("jpeg", rgb.convert("CMYK"), {}),
+        "jpeg-exif": ("jpeg", rgb, {"exif": exif.tobytes()}),
+        "jpeg-icc": ("jpeg", rgb, {"icc_profile": b"\0" * 60_000}),
+        "webp-lossy": ("webp", rgb, {}),
+        "webp-lossless": ("webp", rgb, {"lossless": True}),
+        "webp-alpha": ("webp", Image.new("RGBA", (width, height), (1, 2, 3, 4)), {}),
+        "bmp": ("bmp", rgb, {}),
+        "bmp-alpha": ("bmp", Image.new("RGBA", (width, height)), {}),
+        "gif": ("gif", rgb, {}),
+        "tiff": ("tiff", rgb, {}),
+        "tiff-lzw": ("tiff", rgb, {"compression": "tiff_lzw"}),
+    }[variant]
+    out = io.BytesIO()
+    image.save(out, format=fmt.upper(), **options)
+    data = out.getvalue()
+    assert Image.open(io.BytesIO(data)).size == (width, height)
+    return fmt, data
+
+
+VARIANTS = [
+    "png",
+    "png-interlaced",
+    "png-16bit",
+    "jpeg",
+    "jpeg-progressive",
+    "jpeg-cmyk",
+    "jpeg-exif",
+    "jpeg-icc",
+    "webp-lossy",
+    "webp-lossless",
+    "webp-alpha",
+    "bmp",
+    "bmp-alpha",
+    "gif",
+    "tiff",
+    "tiff-lzw",
+]
+EDGES = [(301, 301), (300, 400), (400, 300), (5999, 2400), (6000, 2500), (1000, 400), (1002, 401), (401, 1002)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("width", "height"), EDGES, ids=[f"{w}x{h}" for w, h in EDGES])
+def test_images_from_a_real_encoder_are_judged_by_the_rules(variant: str, width: int, height: int) -> None:
+    fmt, data = _encode(variant, width, height)
+    allowed = 300 < width < 6000 and 300 < height < 6000 and 0.4 < width / height < 2.5 and len(data) < MAX_BYTES
+    uri = data_uri(data, fmt)
+    if allowed:
+        info = inspect_data_uri(uri)
+        assert (info.format, info.width, info.height, info.size_bytes) == (fmt, width, height, len(data))
+    else:
+        with pytest.raises(ImageError):
+            inspect_data_uri(uri)
