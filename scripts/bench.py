@@ -30,6 +30,7 @@ from typing import Any
 import aio_pika
 import httpx
 
+from contracts.messages import TERMINAL_STATUSES
 from tests.servers import free_port, start_mock
 
 KEY = "bench-key"
@@ -111,7 +112,7 @@ async def run_jobs(
         channel = await connection.channel(publisher_confirms=True)
         events = await channel.declare_exchange("seedance.events", aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(exclusive=True)
-        for status in ("succeeded", "failed", "expired", "rejected"):
+        for status in TERMINAL_STATUSES:
             await queue.bind(events, routing_key=f"job.{status}")
         jobs = await channel.get_exchange("seedance.jobs")
         done: dict[str, Any] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from contracts.api import TaskResult
-from contracts.messages import EventError, EventStatus, JobEvent
+from contracts.messages import TERMINAL_STATUSES, EventError, EventStatus, JobEvent
 from worker.tracking import TrackingState
 
 
@@ -26,7 +26,7 @@ def event(
         video_url = video.video_url
         expires_at = now + timedelta(seconds=video.video_url_ttl)
         billed = state.tokens
-    terminal = status in ("succeeded", "failed", "expired", "rejected")
+    terminal = status in TERMINAL_STATUSES
     return JobEvent(
         job_id=state.job_id,
         status=status,
