@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -20,19 +20,20 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import validation_message
-from contracts.api import MODEL_NAME, TASK_RESULT_PATH, SubmitRequest, TaskStatus
+from contracts.api import FRAME_PIXELS, MODEL_NAME, TASK_RESULT_PATH, SubmitRequest, TaskStatus
 from mock_server.state import Endpoint, Faults, JournalEntry, MockConfig, MockState, Task
+from mock_server.video import Video, parse_range, size_for
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY_BYTES = 128 * 1024 * 1024
 API_PREFIX = "/v3/async/"
-FAKE_MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 64
+VIDEO_PREFIX = "/_mock/videos/"
 
 
 class SimulatedReset(Exception):
@@ -70,18 +71,24 @@ class MockApp:
 
 
 class FaultsAndJournal:
-    """What happens to an API request on the way in: latency, injected faults, auth; and the journal."""
+    """What happens to an API request on the way in: latency, injected faults, auth; and the journal.
+
+    Video downloads pass here too (endpoint `video`, no auth: their URLs stand for pre-signed ones).
+    """
 
     def __init__(self, app: ASGIApp, state: MockState) -> None:
         self._app = app
         self._state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+        path = scope["path"] if scope["type"] == "http" else ""
+        if not path.startswith((API_PREFIX, VIDEO_PREFIX)):
             await self._app(scope, receive, send)
             return
         state = self._state
-        endpoint: Endpoint = "task-result" if scope["path"] == TASK_RESULT_PATH else "submit"
+        endpoint: Endpoint = (
+            "video" if path.startswith(VIDEO_PREFIX) else "task-result" if path == TASK_RESULT_PATH else "submit"
+        )
         entry = JournalEntry(scope["method"], scope["path"], endpoint, state.now())
         scope.setdefault("state", {})["journal"] = entry
         try:
@@ -115,7 +122,7 @@ class FaultsAndJournal:
         elif fault is not None and fault != "malformed":
             answer = _injected_status(int(fault), faults)
         else:
-            answer = self._authenticate(scope)
+            answer = self._authenticate(scope) if entry.endpoint != "video" else None
         if answer is not None:
             entry.status = answer.status_code
             await answer(scope, receive, send)
@@ -180,7 +187,7 @@ class _Routes:
                 Route("/_mock/config", self.config, methods=["GET", "POST"]),
                 Route("/_mock/reset", self.reset, methods=["POST"]),
                 Route("/_mock/advance", self.advance, methods=["POST"]),
-                Route("/_mock/videos/{task_id}.mp4", self.video, methods=["GET", "HEAD"]),
+                Route(VIDEO_PREFIX + "{task_id}.mp4", self.video, methods=["GET", "HEAD"]),
                 Route("/openapi.json", self.openapi, methods=["GET"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
             ],
@@ -307,13 +314,33 @@ class _Routes:
         return json_response(200, {"advanced": seconds})
 
     async def video(self, request: Request) -> Response:
+        """The task's MP4, whole or one byte range, until `video_url_ttl` seconds after the task finished."""
         task = self.state.tasks.get(request.path_params["task_id"])
         seen = self.state.view(task) if task is not None else None
-        if seen is None or seen.status is not TaskStatus.SUCCEED or seen.finished_at is None:
+        if task is None or seen is None or seen.status is not TaskStatus.SUCCEED or seen.finished_at is None:
             return error(404, "NOT_FOUND", "no such video")
         if self.state.now() > seen.finished_at + self.state.config.video_url_ttl:
             return error(403, "ACCESS_DENY", "the video URL has expired")
-        return Response(FAKE_MP4, 200, media_type="video/mp4")
+        request_ = task.request
+        pixels = FRAME_PIXELS[request_.resolution] / FRAME_PIXELS["720p"]
+        size = size_for(request_.duration, pixels, self.state.config.video_bytes_per_second)
+        video = Video(task.task_id, size, request_.duration)
+        headers = {"accept-ranges": "bytes", "etag": f'"{task.task_id}"', "content-type": "video/mp4"}
+        wanted = parse_range(request.headers.get("range"), video.size)
+        if wanted == "unsatisfiable":
+            return Response(b"", 416, {**headers, "content-range": f"bytes */{video.size}"})
+        start, end, status = (0, video.size, 200) if wanted is None else (*wanted, 206)
+        headers["content-length"] = str(end - start)
+        if status == 206:
+            headers["content-range"] = f"bytes {start}-{end - 1}/{video.size}"
+        if request.method == "HEAD":
+            return Response(b"", status, headers)
+
+        async def body() -> AsyncIterator[bytes]:
+            for chunk in video.read(start, end):
+                yield chunk
+
+        return StreamingResponse(body(), status, headers)
 
     async def openapi(self, request: Request) -> Response:
         if self._openapi is None:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts.api import ServiceTier, SubmitRequest, TaskStatus
 
 Outcome = Literal["succeed", "fail", "hang"]
-Endpoint = Literal["submit", "task-result"]
+Endpoint = Literal["submit", "task-result", "video"]
 SERVER_ERRORS = ("500", "502", "503", "504")
 
 
@@ -75,6 +75,12 @@ class MockConfig(BaseModel):
         default=False, description="Fill task.eta with the real seconds left; the gateway's is usually 0."
     )
     video_url_ttl: int = Field(default=3600, description="Seconds a video URL stays valid (not scaled).")
+    video_bytes_per_second: int = Field(
+        default=100_000,
+        ge=1,
+        description="Size of the served MP4 per second of a 720p clip; other resolutions scale with their "
+        "pixels (480p x0.47, 1080p x2.25).",
+    )
     ttl_as_string: bool = Field(default=True, description='Send video_url_ttl as "3600" like the docs.')
     public_url: str | None = Field(
         default=None, description="Base of the video URLs handed out; default: the request's Host."

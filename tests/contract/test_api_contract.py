@@ -153,6 +153,32 @@ async def test_a_task_runs_to_success_with_a_video(target: Target) -> None:
     assert debug.submit_time_ms <= debug.complete_time_ms
 
 
+def mp4_boxes(data: bytes) -> list[tuple[bytes, int]]:
+    """The top-level ISO BMFF boxes of an MP4 (type, size); fails unless they tile the file exactly."""
+    boxes, position = [], 0
+    while position < len(data):
+        size = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if size == 1:
+            size = int.from_bytes(data[position + 8 : position + 16], "big")
+        assert size >= 8, f"box {kind!r} at {position} has size {size}"
+        boxes.append((kind, size))
+        position += size
+    assert position == len(data), "the boxes tile the file"
+    return boxes
+
+
+async def test_the_video_url_serves_an_mp4(target: Target) -> None:
+    task_id = await submit(target, body())
+    video = (await poll_until_finished(target, task_id))[-1].videos[0]
+    async with httpx.AsyncClient(transport=target.api._transport, timeout=60) as anyone:  # no credentials
+        response = await anyone.get(video.video_url)
+    assert response.status_code == 200
+    boxes = mp4_boxes(response.content)
+    assert boxes[0][0] == b"ftyp"
+    assert {b"moov", b"mdat"} <= {kind for kind, _ in boxes}
+
+
 @pytest.mark.mock_only
 async def test_a_task_forced_to_fail_ends_failed_with_a_reason(target: Target) -> None:
     control = mock_control(target)

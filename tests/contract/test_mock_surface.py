@@ -13,7 +13,7 @@ from mock_server import MockConfig, create_app
 from mock_server.testing import InProcessTransport
 from tests.contract.conftest import mock_control
 from tests.contract.targets import Target
-from tests.contract.test_api_contract import assert_error, body, poll_until_finished, submit
+from tests.contract.test_api_contract import assert_error, body, mp4_boxes, poll_until_finished, submit
 
 pytestmark = pytest.mark.mock_only
 
@@ -140,15 +140,95 @@ async def test_a_bad_fault_setting_is_rejected_with_400(target: Target) -> None:
     assert_error(response, 400, "INVALID_REQUEST_BODY")
 
 
+async def finished_video(target: Target, **overrides: object) -> str:
+    """The path of the video of a fresh task that has finished."""
+    task_id = await submit(target, body(**overrides))
+    video = (await poll_until_finished(target, task_id))[-1].videos[0]
+    return httpx.URL(video.video_url).path
+
+
 async def test_the_video_url_serves_a_video_until_its_ttl_passes(target: Target) -> None:
     control = mock_control(target)
-    task_id = await submit(target, body())
-    video = (await poll_until_finished(target, task_id))[-1].videos[0]
-    path = httpx.URL(video.video_url).path
+    path = await finished_video(target)
     assert (await control.get(path)).headers["content-type"] == "video/mp4"
+    ttl = 3600
     (await control.post("/_mock/config", json={"time_scale": 1.0})).raise_for_status()
-    (await control.post("/_mock/advance", json={"seconds": video.video_url_ttl + 1})).raise_for_status()
+    (await control.post("/_mock/advance", json={"seconds": ttl - 5})).raise_for_status()
+    assert (await control.head(path)).status_code == 200, "still valid just before the TTL"
+    (await control.post("/_mock/advance", json={"seconds": 10})).raise_for_status()
     assert_error(await control.get(path), 403, "ACCESS_DENY")
+
+
+@pytest.mark.parametrize(
+    ("duration", "resolution", "expected"),
+    [(4, "480p", 4 * 1000 * 864 * 496 / (1280 * 720)), (5, "720p", 5000), (12, "1080p", 12 * 1000 * 2.25)],
+)
+async def test_the_video_size_follows_duration_and_resolution(
+    target: Target, duration: int, resolution: str, expected: float
+) -> None:
+    control = mock_control(target)
+    (await control.post("/_mock/config", json={"video_bytes_per_second": 1000})).raise_for_status()
+    path = await finished_video(target, duration=duration, resolution=resolution)
+    whole = await control.get(path)
+    assert len(whole.content) == round(expected) == int(whole.headers["content-length"])
+    mp4_boxes(whole.content)
+    again = await control.get(path)
+    assert again.content == whole.content, "the same bytes every time"
+    other = await control.get(await finished_video(target, duration=duration, resolution=resolution))
+    assert other.content != whole.content, "each task its own video"
+
+
+async def test_head_and_range_requests_are_answered_like_a_file_server(target: Target) -> None:
+    control = mock_control(target)
+    path = await finished_video(target)
+    whole = (await control.get(path)).content
+    size = len(whole)
+    head = await control.head(path)
+    assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(size))
+    assert head.headers["accept-ranges"] == "bytes"
+    for wanted, (start, end) in {
+        "bytes=0-99": (0, 100),
+        f"bytes=100-{size - 1}": (100, size),
+        "bytes=1000-": (1000, size),
+        "bytes=-500": (size - 500, size),
+        f"bytes=10-{size + 50}": (10, size),
+    }.items():
+        part = await control.get(path, headers={"Range": wanted})
+        assert part.status_code == 206, wanted
+        assert part.content == whole[start:end], wanted
+        assert part.headers["content-range"] == f"bytes {start}-{end - 1}/{size}"
+    refused = await control.get(path, headers={"Range": f"bytes={size}-"})
+    assert refused.status_code == 416
+    assert refused.headers["content-range"] == f"bytes */{size}"
+
+
+async def test_a_large_video_is_served_without_the_mock_holding_it(target: Target) -> None:
+    control = mock_control(target)
+    (await control.post("/_mock/config", json={"video_bytes_per_second": 40_000_000})).raise_for_status()
+    path = await finished_video(target, duration=5, resolution="720p")
+    head = await control.head(path)
+    assert int(head.headers["content-length"]) == 200_000_000
+    tail = await control.get(path, headers={"Range": "bytes=-16"})
+    assert len(tail.content) == 16
+    assert tail.content == (await control.get(path, headers={"Range": "bytes=199999984-199999999"})).content
+
+
+async def test_the_video_of_an_unfinished_or_unknown_task_is_404(target: Target) -> None:
+    control = mock_control(target)
+    assert_error(await control.get("/_mock/videos/no-such-task.mp4"), 404, "NOT_FOUND")
+    (await control.post("/_mock/faults", json={"outcomes": [{"outcome": "hang", "count": 1}]})).raise_for_status()
+    task_id = await submit(target, body())
+    assert_error(await control.get(f"/_mock/videos/{task_id}.mp4"), 404, "NOT_FOUND")
+
+
+async def test_faults_can_hit_video_downloads_too(target: Target) -> None:
+    control = mock_control(target)
+    path = await finished_video(target)
+    await set_faults(target, status_rates={"503": 1.0}, endpoints=["video"])
+    assert (await control.get(path)).status_code == 503
+    assert (await target.api.post(SUBMIT_PATH, json=body())).status_code == 200, "the API is not hit"
+    journal = (await control.get("/_mock/requests")).json()["requests"]
+    assert [(r["endpoint"], r["status"]) for r in journal if r["endpoint"] == "video"][-1] == ("video", 503)
 
 
 async def test_the_committed_openapi_document_is_served(target: Target) -> None:
