@@ -99,6 +99,17 @@ class EventError(BaseModel):
     message: str
 
 
+class StoredVideo(BaseModel):
+    """Where the worker keeps a job's video (with `SEEDANCE_STORAGE_URL` set), verified after the copy."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    url: str = Field(description="The object's store URL, e.g. s3://bucket/prefix/<job_id>/<task_id>.mp4.")
+    bytes: int = Field(ge=0, description="Size of the stored object.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the stored bytes, in hex.")
+    content_type: str = "video/mp4"
+
+
 class JobEvent(BaseModel):
     """What the worker publishes to `seedance.events` with routing key `job.<status>`.
 
@@ -126,6 +137,14 @@ class JobEvent(BaseModel):
     attempts: int = Field(default=0, description="Submit requests sent to the API for this job.")
     polls: int = Field(default=0, description="Task-result requests sent for this job.")
     billed_tokens: int | None = Field(default=None, description="Tokens billed, on success.")
+    stored_video: StoredVideo | None = Field(
+        default=None, description="On success with a store configured: the verified copy of the video."
+    )
+    storage_error: EventError | None = Field(
+        default=None,
+        description="On success with a store configured, when no copy could be made before the gateway's URL "
+        "expired or the source refused it (code VIDEO_UNAVAILABLE, VIDEO_URL_EXPIRED or STORAGE_NOT_CONFIGURED).",
+    )
 
     @property
     def terminal(self) -> bool:

@@ -336,9 +336,13 @@ class _Routes:
         if request.method == "HEAD":
             return Response(b"", status, headers)
 
+        bandwidth = self.state.faults.video_bandwidth
+
         async def body() -> AsyncIterator[bytes]:
             for chunk in video.read(start, end):
                 yield chunk
+                if bandwidth:
+                    await asyncio.sleep(len(chunk) / bandwidth)
 
         return StreamingResponse(body(), status, headers)
 

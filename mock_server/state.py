@@ -122,6 +122,9 @@ class Faults(BaseModel):
     timeout_seconds: float = Field(default=30.0, ge=0, description="Hang this long, then answer 504.")
     reset_rate: float = Field(default=0.0, ge=0, le=1, description="Close the connection, nothing done.")
     malformed_rate: float = Field(default=0.0, ge=0, le=1, description="Do the work, garble the answer.")
+    video_bandwidth: float | None = Field(
+        default=None, gt=0, description="Serve video bytes no faster than this many per second (a slow source)."
+    )
     endpoints: list[Endpoint] = Field(default=["submit", "task-result"])
     outcomes: list[ForcedOutcome] = Field(default_factory=list)
     auth: AuthFault | None = None

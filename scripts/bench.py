@@ -31,7 +31,7 @@ import aio_pika
 import httpx
 
 from contracts.messages import TERMINAL_STATUSES
-from tests.servers import free_port, start_mock
+from tests.servers import free_port, start_mock, start_seaweedfs
 
 KEY = "bench-key"
 
@@ -50,10 +50,13 @@ def vhost() -> Iterator[str]:
 
 
 @contextmanager
-def worker(amqp: str, mock_url: str, **settings: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def worker(
+    amqp: str, mock_url: str, env_extra: dict[str, str] | None = None, **settings: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     env = {
         **os.environ,
+        **(env_extra or {}),
         "SEEDANCE_AMQP_URL": amqp,
         "SEEDANCE_API_BASE_URL": mock_url,
         "SEEDANCE_API_KEY": KEY,
@@ -272,13 +275,81 @@ def memory(in_flight: int) -> None:
         mock.stop()
 
 
+def storage(runs: int, videos: int, megabytes: int) -> None:
+    """Copy throughput from the mock to a real S3-compatible server, and peak memory on a 200 MB video."""
+    import tempfile  # noqa: PLC0415
+
+    mock = start_mock(time_scale=0.001, api_key=KEY, seed=4)
+    with tempfile.TemporaryDirectory(prefix="seedance-bench-s3-") as directory:
+        store = start_seaweedfs(directory)
+        try:
+            rates, per_copy, peaks = [], [], []
+            for run in range(runs):
+                unlimited(mock.url)
+                size = megabytes * 1_000_000
+                httpx.post(f"{mock.url}/_mock/config", json={"video_bytes_per_second": size // 5}).raise_for_status()
+                url = f"s3://{store.bucket}/bench-{uuid.uuid4().hex[:8]}"
+                with (
+                    vhost() as amqp,
+                    worker(amqp, mock.url, store.env(), storage_url=url, poll_scale=0.001) as (
+                        proc,
+                        port,
+                    ),
+                ):
+                    _, done = asyncio.run(run_jobs(amqp, videos, 600, prefix=f"s{run}-"))
+                    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                finished = [datetime.fromisoformat(e["finished_at"]) for e in done.values()]
+                tasks = {t["task_id"]: t for t in httpx.get(f"{mock.url}/_mock/tasks").json()["tasks"]}
+                rendered = [datetime.fromisoformat(tasks[e["task_id"]]["finished_at"]) for e in done.values()]
+                assert all(e["stored_video"]["bytes"] == size for e in done.values())
+                seconds = (max(finished) - min(rendered)).total_seconds()
+                rates.append(videos * size / seconds / 1e6)
+                copy_seconds = _sample(metrics, "seedance_video_store_seconds_sum")
+                per_copy.append(videos * size / copy_seconds / 1e6)
+                httpx.post(f"{mock.url}/_mock/config", json={"video_bytes_per_second": 40_000_000}).raise_for_status()
+                with (
+                    vhost() as amqp,
+                    worker(amqp, mock.url, store.env(), storage_url=url, poll_scale=0.001) as (
+                        proc,
+                        _,
+                    ),
+                ):
+                    _, done = asyncio.run(run_jobs(amqp, 1, 600, prefix=f"big{run}-"))
+                    peaks.append(peak_rss_mib(proc.pid))
+        finally:
+            store.stop()
+            mock.stop()
+    shown = ", ".join(f"{r:.0f}" for r in rates)
+    print(
+        f"storage: {videos} videos of {megabytes} MB, mock -> SeaweedFS (S3), copy + read-back verification: "
+        f"{shown} MB/s overall, median {statistics.median(rates):.0f} MB/s; each copy (4 at once) "
+        f"{statistics.median(per_copy):.0f} MB/s; peak worker RSS copying a 200 MB video "
+        f"{', '.join(f'{p:.0f}' for p in peaks)} MiB"
+    )
+
+
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
-    parser.add_argument("--only", choices=["throughput", "latency", "memory"])
+    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage"])
     args = parser.parse_args()
     if args.only in (None, "throughput"):
         throughput(args.runs, args.jobs)
@@ -286,6 +357,8 @@ def main() -> None:
         latency(args.runs, min(args.jobs, 200), args.scale)
     if args.only in (None, "memory"):
         memory(args.in_flight)
+    if args.only in (None, "storage"):
+        storage(args.runs, 10, 50)
 
 
 if __name__ == "__main__":

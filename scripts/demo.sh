@@ -34,6 +34,8 @@ else
   echo "demo: using the real API at ${SEEDANCE_API_BASE_URL:-https://api.highwayapi.ai}: this job is billed"
 fi
 
+# Keep the video: the gateway's URL dies (the mock's with the mock), the copy stays.
+export SEEDANCE_STORAGE_URL="${SEEDANCE_STORAGE_URL:-file://$PWD/.demo/videos}"
 metrics_port=$(free_port)
 export SEEDANCE_METRICS_PORT=$metrics_port SEEDANCE_METRICS_HOST=127.0.0.1 SEEDANCE_LOG_FORMAT=text
 export SEEDANCE_PROGRESS_INTERVAL_SECONDS="${SEEDANCE_PROGRESS_INTERVAL_SECONDS:-1}"
@@ -45,10 +47,22 @@ echo "demo: enqueueing a job with worker/samples/boat.png and following its even
 echo
 
 "$BIN/seedance" enqueue --image worker/samples/boat.png --prompt 'a paper boat drifts across a calm pond' \
-  --duration 5 --resolution 720p --metadata '{"source": "demo"}' --wait --timeout 600
+  --duration 5 --resolution 720p --metadata '{"source": "demo"}' --wait --timeout 600 | tee .demo/events.jsonl
+
+echo
+"$BIN/python" - .demo/events.jsonl <<'PY'
+import json, sys
+event = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+stored = event.get("stored_video")
+if stored:
+    where, size, digest = stored["url"].removeprefix("file://"), stored["bytes"], stored["sha256"]
+    print(f"demo: the video is kept at {where} ({size} bytes, sha256 {digest[:16]}...)")
+else:
+    print(f"demo: no copy was kept: {event.get('storage_error')}")
+PY
 
 echo
 echo "demo: a few of the worker's metrics:"
 curl -fs "http://127.0.0.1:$metrics_port/metrics" \
-  | grep -E '^seedance_(jobs_received_total|jobs_completed_total|polls_total|video_seconds_total|api_requests_total|worker_ready)' \
+  | grep -E '^seedance_(jobs_received_total|jobs_completed_total|polls_total|video_seconds_total|videos_stored_total|api_requests_total|worker_ready)' \
   | grep -v ' 0\.0$'

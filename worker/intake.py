@@ -1,9 +1,10 @@
 """Intake: which queues this replica consumes, and the broker counts that decide it.
 
-A tier's job queue is consumed while the API accepts the worker's key and the tier's limits could admit
-the cheapest job now; otherwise its consumer is cancelled and jobs wait in RabbitMQ, not in memory. The
-tracking queues are consumed while the API accepts the key. Tasks in flight are recounted from the
-broker every `SEEDANCE_IN_FLIGHT_REFRESH_SECONDS` (see `_recount`).
+A tier's job queue is consumed while the API accepts the worker's key, the video store (when there is
+one) accepts its credentials, and the tier's limits could admit the cheapest job now; otherwise its
+consumer is cancelled and jobs wait in RabbitMQ, not in memory. The tracking queues are consumed while
+the API accepts the key, the copy-stage queues while the store accepts the credentials. Tasks in flight
+are recounted from the broker every `SEEDANCE_IN_FLIGHT_REFRESH_SECONDS` (see `_recount`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from contracts.api import MIN_TOKENS, ServiceTier
 from contracts.messages import DEAD_LETTER_QUEUE, TIERS
 from worker import topology
-from worker.access import ApiAccess
+from worker.access import Access
 from worker.consumer import Consumer
 from worker.limits import TierLimits
 from worker.metrics import Metrics
@@ -60,25 +61,31 @@ class Intake:
         self,
         settings: Settings,
         limits: Mapping[ServiceTier, TierLimits],
-        access: ApiAccess,
+        api_access: Access,
+        store_access: Access | None,
         metrics: Metrics,
         stopping: Stopping,
     ) -> None:
         self._settings = settings
         self._limits = limits
-        self._access = access
+        self._api_access = api_access
+        self._store_access = store_access
         self._metrics = metrics
         self._stopping = stopping
         self._wake = asyncio.Event()
         self._jobs: dict[ServiceTier, _Feed] = {}
         self._tracking: dict[ServiceTier, _Feed] = {}
+        self._store: dict[ServiceTier, _Feed] = {}
 
     def wake(self) -> None:
         """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
         self._wake.set()
 
     def consuming(self) -> list[str]:
-        return sorted(feed.queue.name for feed in (*self._jobs.values(), *self._tracking.values()) if feed.tag)
+        return sorted(feed.queue.name for feed in self._feeds() if feed.tag)
+
+    def _feeds(self) -> list[_Feed]:
+        return [*self._jobs.values(), *self._tracking.values(), *self._store.values()]
 
     async def run(self, connection: AbstractRobustConnection, consumer: Consumer) -> None:
         """Open a channel per queue (each with its own prefetch) and supervise them until stopping."""
@@ -90,6 +97,9 @@ class Intake:
             await tracking.set_qos(prefetch_count=self._settings.tracking_prefetch)
             queue = await tracking.get_queue(topology.tracking_queue(tier))
             self._tracking[tier] = _Feed(queue, tier, consumer.on_tracking)
+            store = await connection.channel()
+            await store.set_qos(prefetch_count=self._settings.storage_concurrency)
+            self._store[tier] = _Feed(await store.get_queue(topology.store_queue(tier)), tier, consumer.on_store)
         counter = await connection.channel()
         # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
         # make aiormq close its channel with a warning).
@@ -97,19 +107,21 @@ class Intake:
 
     async def close(self) -> None:
         """Stop consuming everything (deliveries in hand carry on)."""
-        for feed in (*self._jobs.values(), *self._tracking.values()):
+        for feed in self._feeds():
             with contextlib.suppress(Exception):
                 await feed.want(False)
 
     async def _supervise(self) -> None:
         while not self._stopping.is_set():
-            api_ok = self._access.ok
+            api_ok = self._api_access.ok
+            store_ok = self._store_access is None or self._store_access.ok
             for tier in TIERS:
                 # Open only if the cheapest job could go now: a token budget nearly spent closes the tier
                 # rather than take jobs that could only wait and go back.
-                open_ = api_ok and self._limits[tier].wait_time(MIN_TOKENS) == 0
+                open_ = api_ok and store_ok and self._limits[tier].wait_time(MIN_TOKENS) == 0
                 self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
-                for feed, on in ((self._jobs[tier], open_), (self._tracking[tier], api_ok)):
+                wanted = ((self._jobs[tier], open_), (self._tracking[tier], api_ok), (self._store[tier], store_ok))
+                for feed, on in wanted:
                     try:
                         await feed.want(on)
                     except Exception:

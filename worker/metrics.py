@@ -17,6 +17,8 @@ RESOLUTIONS = ("480p", "720p", "1080p")
 # Queue waits run from seconds (default) to hours (flex); durations add the render time.
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 90, 120, 180, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400, 172800)
+STORE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
+STORE_FAILURES = ("source_gone", "source_error", "store_error", "verify", "timeout", "refused", "config")
 API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -141,6 +143,32 @@ class Metrics:
             ["tier", "cause"],
             registry=registry,
         )
+        self.videos_stored = Counter(
+            "seedance_videos_stored",
+            "Successful jobs whose video was copied to the store (stored) or could not be (failed).",
+            ["tier", "result"],
+            registry=registry,
+        )
+        self.video_store_seconds = Histogram(
+            "seedance_video_store_seconds",
+            "Time of one successful copy: download, upload and read-back verification.",
+            buckets=STORE_BUCKETS,
+            registry=registry,
+        )
+        self.video_stored_bytes = Counter(
+            "seedance_video_stored_bytes", "Bytes of video copied to the store.", ["tier"], registry=registry
+        )
+        self.video_store_failures = Counter(
+            "seedance_video_store_failures",
+            "Copy attempts that failed, by why (each may be tried again while the gateway's URL lives).",
+            ["reason"],
+            registry=registry,
+        )
+        self.storage_access_ok = Gauge(
+            "seedance_storage_access_ok",
+            "0 while the video store refuses this worker's credentials (1 without a store).",
+            registry=registry,
+        )
         self.events_published = Counter(
             "seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry
         )
@@ -163,6 +191,11 @@ class Metrics:
                 self.billed_tokens.labels(tier, audio)
             for cause in DUPLICATE_CAUSES:
                 self.possible_duplicates.labels(tier, cause)
+            for result in ("stored", "failed"):
+                self.videos_stored.labels(tier, result)
+            self.video_stored_bytes.labels(tier)
+        for failure in STORE_FAILURES:
+            self.video_store_failures.labels(failure)
         for reason in REJECT_REASONS:
             self.jobs_rejected.labels(reason)
         for endpoint in ENDPOINTS:
@@ -172,3 +205,4 @@ class Metrics:
             self.events_published.labels(event_status)
         self.worker_ready.set(0)
         self.api_access_ok.set(1)
+        self.storage_access_ok.set(1)

@@ -52,7 +52,7 @@ class Publishing(Protocol):
     """Confirmed publishing, as the consumer needs it."""
 
     async def track(self, state: TrackingState, delay: float) -> None:
-        """Send a tracking state to come back after about `delay` seconds."""
+        """Send a tracking state to come back after about `delay` seconds (to its stage's queues)."""
 
     async def event(self, event: JobEvent, reply_to: str | None, correlation_id: str | None) -> None:
         """Publish an event to seedance.events (and a terminal one to `reply_to`)."""
@@ -75,10 +75,17 @@ class Publisher:
         return cls(channel, await channel.get_exchange(EVENTS_EXCHANGE, ensure=False), delays_ms)
 
     async def track(self, state: TrackingState, delay: float) -> None:
-        level = pick_delay_level(self._delays_ms, delay)
+        if state.stage == "store":
+            queue = (
+                topology.store_queue(state.tier)
+                if delay <= 0
+                else topology.store_delay_queue(state.tier, pick_delay_level(topology.STORE_DELAYS_MS, delay))
+            )
+        else:
+            queue = topology.delay_queue(state.tier, pick_delay_level(self._delays_ms, delay))
         body = state.model_dump_json().encode()
         message = aio_pika.Message(body, delivery_mode=PERSISTENT, content_type="application/json")
-        await self._default.publish(message, routing_key=topology.delay_queue(state.tier, level))
+        await self._default.publish(message, routing_key=queue)
 
     async def event(self, event: JobEvent, reply_to: str | None, correlation_id: str | None) -> None:
         body = event.model_dump_json().encode()

@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.connection import make_url
 
 from worker import topology
-from worker.access import ApiAccess
+from worker.access import Access
 from worker.backoff import backoff_delay
 from worker.consumer import Consumer
 from worker.handler import JobHandler
@@ -48,14 +48,16 @@ class Service:
         intake: Intake,
         metrics: Metrics,
         stopping: Stopping,
-        access: ApiAccess,
+        api_access: Access,
+        store_access: Access | None = None,
     ) -> None:
         self._settings = settings
         self._handler = handler
         self._intake = intake
         self._metrics = metrics
         self._stopping = stopping
-        self._access = access
+        self._api_access = api_access
+        self._store_access = store_access
         self._connection: AbstractRobustConnection | None = None
         self.declared = False
 
@@ -65,14 +67,16 @@ class Service:
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz reports: ready when connected, declared, accepted by the API and not stopping."""
-        api_ok = self._access.ok
-        ready = self.declared and self.connected and api_ok and not self._stopping.is_set()
+        api_ok = self._api_access.ok
+        store_ok = self._store_access is None or self._store_access.ok
+        ready = self.declared and self.connected and api_ok and store_ok and not self._stopping.is_set()
         self._metrics.worker_ready.set(1 if ready else 0)
         return {
             "ready": ready,
             "broker_connected": self.connected,
             "topology_declared": self.declared,
             "api_access_ok": api_ok,
+            "storage_access_ok": store_ok,
             "stopping": self._stopping.is_set(),
             "consuming": self._intake.consuming(),
         }

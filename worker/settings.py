@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.api import ServiceTier
 from contracts.messages import TIERS
+from worker.storage import check_url
 
 PREFIX = "SEEDANCE_"
 
@@ -118,6 +119,20 @@ class Settings(BaseSettings):
         default="expire", description="A FAILED reason containing this (any case) ends the job `expired`."
     )
 
+    # Keeping the video
+    storage_url: str | None = Field(
+        default=None,
+        description="Where to copy every successful video before its event: file:///dir, s3://bucket/prefix, "
+        "gs://bucket/prefix or az://container/prefix (credentials from AWS_*/GOOGLE_*/AZURE_*). Unset: no copy.",
+    )
+    storage_concurrency: int = Field(default=4, ge=1, description="Videos copied at once per tier.")
+    storage_timeout_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        le=1500,
+        description="Longest one copy attempt may take (it holds a delivery: well under RabbitMQ's 30 min).",
+    )
+
     # Messages and the broker
     max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Larger job messages are rejected.")
     delivery_limit: int = Field(
@@ -148,7 +163,14 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one positive delay")
         return tuple(sorted(set(value)))
 
-    @field_validator("api_key", "api_key_file", "default_daily_tokens", "flex_daily_tokens", mode="before")
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value)
+
+    @field_validator(
+        "api_key", "api_key_file", "default_daily_tokens", "flex_daily_tokens", "storage_url", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `SEEDANCE_API_KEY=` (as compose writes `${SEEDANCE_API_KEY:-}`) means unset, not empty.

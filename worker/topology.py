@@ -5,6 +5,8 @@ arguments is a no-op; different arguments make RabbitMQ refuse with PRECONDITION
                           --job.flex-----> seedance.jobs.flex     (quorum)
     seedance.jobs.<tier> --after delivery_limit deliveries--> seedance.jobs.dead (quorum)
     seedance.tracking.<tier>.delay.<ms>ms (quorum, TTL) --expired--> seedance.tracking.<tier> (quorum)
+    seedance.store.<tier>.delay.<ms>ms (quorum, TTL) --expired--> seedance.store.<tier> (quorum):
+        succeeded tasks whose video is being copied (worker.storage), apart from the tasks in flight
     seedance.events (topic): the worker publishes; users bind their own queues
 """
 
@@ -30,6 +32,18 @@ def tracking_queue(tier: ServiceTier) -> str:
 
 def delay_queue(tier: ServiceTier, ms: int) -> str:
     return f"seedance.tracking.{tier}.delay.{ms}ms"
+
+
+# Back-off steps of a failed copy; a longer wait takes several hops (as tracking waits do).
+STORE_DELAYS_MS = (1000, 5000, 30000, 120000)
+
+
+def store_queue(tier: ServiceTier) -> str:
+    return f"seedance.store.{tier}"
+
+
+def store_delay_queue(tier: ServiceTier, ms: int) -> str:
+    return f"seedance.store.{tier}.delay.{ms}ms"
 
 
 def tracking_queues(tier: ServiceTier, settings: Settings) -> list[str]:
@@ -78,4 +92,13 @@ async def declare(channel: AbstractChannel, settings: Settings) -> None:
                 delay_queue(tier, ms),
                 durable=True,
                 arguments={**QUORUM, "x-message-ttl": ms, **_dead_letter_to(tracking_queue(tier))},
+            )
+        # The copy stage: declared whether or not a store is configured, so a worker without one can still
+        # finish the copies another left (see JobHandler.handle_store).
+        await channel.declare_queue(store_queue(tier), durable=True, arguments=QUORUM)
+        for ms in STORE_DELAYS_MS:
+            await channel.declare_queue(
+                store_delay_queue(tier, ms),
+                durable=True,
+                arguments={**QUORUM, "x-message-ttl": ms, **_dead_letter_to(store_queue(tier))},
             )

@@ -11,7 +11,7 @@ two levels, takes several hops: each hop lands, sees it is early, and goes out a
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,6 +52,11 @@ class TrackingState(BaseModel):
     progress_event_at: datetime | None = None
     interval: float = 0.0
     next_poll_at: datetime | None = None
+    # After the task succeeded, with a store configured: the copy stage (its own queues, see worker.storage).
+    stage: Literal["poll", "store"] = "poll"
+    video_url: str | None = None
+    video_url_expires_at: datetime | None = None
+    store_attempts: int = 0
 
 
 class PollSchedule:

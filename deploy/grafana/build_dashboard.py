@@ -232,6 +232,51 @@ ROWS: list[tuple[str, list[Panel]]] = [
             ),
         ],
     ),
+    (
+        "Keeping the video (SEEDANCE_STORAGE_URL)",
+        [
+            Panel(
+                "Videos stored",
+                "Succeeded jobs whose video was copied and verified (stored) or could not be (failed: the "
+                "gateway's URL expired or refused first), per second.",
+                [(f"sum by (tier, result) (rate(seedance_videos_stored_total{{{T}}}[{RI}]))", "{{tier}} {{result}}")],
+                "ops",
+            ),
+            Panel(
+                "Bytes stored",
+                "Bytes of video written to the store, per second.",
+                [(f"sum by (tier) (rate(seedance_video_stored_bytes_total{{{T}}}[{RI}]))", "{{tier}}")],
+                "Bps",
+            ),
+            Panel(
+                "Copy time",
+                "p50/p95 of one successful copy: download, upload and read-back verification. Compare "
+                "with the gateway's URL lifetime (about an hour).",
+                [
+                    (
+                        f"histogram_quantile({q}, sum by (le) (rate(seedance_video_store_seconds_bucket[{RI}])))",
+                        f"p{int(q * 100)}",
+                    )
+                    for q in (0.5, 0.95)
+                ],
+                "s",
+            ),
+            Panel(
+                "Copy failures by reason",
+                "Failed copy attempts per second (source_gone, source_error, store_error, verify, timeout, "
+                "refused, config); most are tried again while the URL lives.",
+                [(f"sum by (reason) (rate(seedance_video_store_failures_total[{RI}]))", "{{reason}}")],
+                "ops",
+            ),
+            Panel(
+                "Store access",
+                "0 while a worker's store refuses its credentials (intake paused, nothing failed).",
+                [("min(seedance_storage_access_ok)", "store access")],
+                extra={"options": {"reduceOptions": {"calcs": ["lastNotNull"]}}},
+                kind="stat",
+            ),
+        ],
+    ),
 ]
 
 

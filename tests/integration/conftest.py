@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from contracts.messages import EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES
-from tests.servers import MockThread, free_port, start_mock_thread
+from tests.servers import MockThread, SeaweedFS, free_port, start_mock_thread, start_seaweedfs
 from worker.__main__ import serve
 from worker.settings import Settings
 from worker.stopping import Stopping
@@ -52,6 +52,14 @@ def vhost() -> Iterator[str]:
     rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     yield f"amqp://guest:guest@{AMQP_HOST}/{name}"
     rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A real S3-compatible server (SeaweedFS) for the whole session; tests write under prefixes of their own."""
+    server = start_seaweedfs(str(tmp_path_factory.mktemp("seaweedfs")))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -222,8 +230,9 @@ def spawn_worker(vhost: str, mock: Mock, tmp_path: Any) -> Iterator[Callable[...
     """Factory: run `seedance-worker` as a real process (killed at teardown)."""
     procs: list[WorkerProcess] = []
 
-    def spawn(**overrides: Any) -> WorkerProcess:
-        env = {**os.environ, **worker_env(vhost, mock.url, **overrides), "PYTHONUNBUFFERED": "1"}
+    def spawn(env: dict[str, str] | None = None, **overrides: Any) -> WorkerProcess:
+        """A worker with these settings (`storage_url=...`) and, in `env`, other variables (AWS_*)."""
+        env = {**os.environ, **(env or {}), **worker_env(vhost, mock.url, **overrides), "PYTHONUNBUFFERED": "1"}
         log_path = str(tmp_path / f"worker-{len(procs)}.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)

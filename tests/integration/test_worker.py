@@ -235,7 +235,10 @@ async def test_an_auth_fault_pauses_intake_and_resumes_by_itself(start_worker, b
         return consumers == [0, 0, 0, 0] and await bus.queue_depth("seedance.jobs.default") == 1
 
     await wait_for(paused_with_the_job_back_in_its_queue, what="intake paused, the job back in its queue")
-    assert (await worker.readyz()).json()["consuming"] == [], "readiness says what the broker says"
+    consuming = (await worker.readyz()).json()["consuming"]
+    stores = ["seedance.store.default", "seedance.store.flex"]  # copies need no API: they go on
+    assert consuming == stores
+    assert [await bus.consumers(q) for q in stores] == [1, 1], "readiness says what the broker says"
     assert [r["status"] for r in mock.submits()][-1] == 403
     assert not bus.terminal("broke-1"), "no job fails for an account fault"
     mock.faults()  # the balance is topped up

@@ -23,6 +23,8 @@ K8S = ROOT / "deploy" / "kubernetes"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 SETTINGS = {f"SEEDANCE_{name.upper()}" for name in Settings.model_fields}
+# The video store's standard variables: read by obstore itself, never settings of ours.
+STORE_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP"}
 BUILTIN_KINDS = {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"}
 
 
@@ -70,7 +72,16 @@ def test_the_grace_period_outlasts_the_drain_timeout() -> None:
 
 def test_every_configured_variable_is_a_real_setting() -> None:
     configured = set(manifests()["ConfigMap/seedance-worker"]["data"]) | {e["name"] for e in container()["env"]}
-    assert configured - SETTINGS == set()
+    assert configured - SETTINGS - STORE_VARIABLES == set()
+
+
+def test_the_store_credentials_come_from_the_secret_and_the_store_url_is_valid() -> None:
+    env = {e["name"]: e for e in container()["env"]}
+    secret = manifests()["Secret/seedance-worker"]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
+        assert name not in manifests()["ConfigMap/seedance-worker"]["data"]
+    Settings(storage_url=manifests()["ConfigMap/seedance-worker"]["data"]["SEEDANCE_STORAGE_URL"])
 
 
 def test_the_api_key_comes_from_a_mounted_secret_file() -> None:
@@ -137,7 +148,7 @@ def test_the_compose_stack_is_wired_to_real_files_and_settings() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     assert {"rabbitmq", "mock", "worker", "prometheus", "grafana"} <= set(services)
-    assert set(services["worker"]["environment"]) <= SETTINGS
+    assert set(services["worker"]["environment"]) <= SETTINGS | STORE_VARIABLES
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -151,6 +162,22 @@ def test_the_compose_stack_is_wired_to_real_files_and_settings() -> None:
     assert f"worker:{services['worker']['environment']['SEEDANCE_METRICS_PORT']}" in targets
     assert Path(prometheus["rule_files"][0]).name == "alerts.yml"
     assert services["worker"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+
+
+def test_the_compose_worker_writes_to_the_compose_store_with_its_credentials() -> None:
+    import json  # noqa: PLC0415
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    worker, store = services["worker"]["environment"], services["seaweedfs"]
+    settings = Settings(storage_url=worker["SEEDANCE_STORAGE_URL"])
+    assert settings.storage_url is not None and settings.storage_url.startswith("s3://")
+    port = next(a.split("=")[1] for a in store["command"] if a.startswith("-s3.port="))
+    assert worker["AWS_ENDPOINT_URL"] == f"http://seaweedfs:{port}" and worker["AWS_ALLOW_HTTP"] == "true"
+    config = next(v.split(":")[0] for v in store["volumes"] if v.endswith("/etc/seaweedfs/s3.json:ro"))
+    identities = json.loads((COMPOSE.parent / config).read_text())["identities"]
+    keys = {(c["accessKey"], c["secretKey"]) for i in identities for c in i["credentials"]}
+    assert (worker["AWS_ACCESS_KEY_ID"], worker["AWS_SECRET_ACCESS_KEY"]) in keys
+    assert services["worker"]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
 
 
 def test_the_image_runs_as_a_numeric_non_root_user_and_copies_what_exists() -> None:

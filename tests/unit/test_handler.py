@@ -16,7 +16,7 @@ from contracts.api import ServiceTier
 from mock_server import Faults, MockConfig, create_app
 from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
-from worker.access import ApiAccess
+from worker.access import Access
 from worker.api_client import ApiClient
 from worker.handler import Defer, Delivery, Finish, JobHandler, Reject, Track
 from worker.limits import TierLimits
@@ -39,7 +39,7 @@ class Env:
         app: MockApp,
         handler: JobHandler,
         limits: dict[ServiceTier, TierLimits],
-        access: ApiAccess,
+        access: Access,
         metrics: Metrics,
     ) -> None:
         self.app = app
@@ -71,7 +71,7 @@ async def env() -> AsyncIterator[Env]:
         limits: dict[ServiceTier, TierLimits] = {t: TierLimits(1000, 1000, None) for t in ("default", "flex")}
         stopping = Stopping()
         api = ApiClient(http, lambda: "k", metrics)
-        access = ApiAccess(api, metrics, stopping, retry_max_seconds=0.01)
+        access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=0.01)
         handler = JobHandler(settings, api, limits, access, metrics, stopping)
         yield Env(app, handler, limits, access, metrics)
         stopping.set()
