@@ -291,11 +291,14 @@ class _Routes:
         if request.method == "POST":
             try:
                 patch = json.loads(await request.body() or b"{}")
-                merged = MockConfig.model_validate({**self.state.config.model_dump(), **patch})
+            except ValueError:
+                patch = None
+            if not isinstance(patch, dict):
+                return error(400, "INVALID_REQUEST_BODY", "body must be a JSON object")
+            try:
+                merged = MockConfig.model_validate(_merge(self.state.config.model_dump(), patch))
             except ValidationError as exc:
                 return error(400, "INVALID_REQUEST_BODY", validation_message(exc))
-            except (ValueError, TypeError):
-                return error(400, "INVALID_REQUEST_BODY", "body must be a JSON object")
             self.state.config = merged
         shown = self.state.config.model_dump(mode="json")
         shown["api_key"] = "<set>" if self.state.config.api_key else None
@@ -376,6 +379,15 @@ async def _read_body(request: Request) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `patch` merged in deeply: a partial `quotas.default` changes only the keys it names."""
+    merged = dict(base)
+    for key, value in patch.items():
+        old = merged.get(key)
+        merged[key] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def _parse(model: type[M], body: bytes) -> M | Response:

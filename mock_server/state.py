@@ -32,12 +32,17 @@ SERVER_ERRORS = ("500", "502", "503", "504")
 
 
 class TierQuota(BaseModel):
-    """Limits of one tier; None means unlimited."""
+    """The account's limits in one tier (all clients of the key together); None means unlimited."""
 
     model_config = ConfigDict(extra="forbid")
 
     rpm: int | None = Field(default=None, ge=1, description="Accepted submits per (scaled) minute.")
-    concurrency: int | None = Field(default=None, ge=1, description="Unfinished tasks at once.")
+    concurrency: int | None = Field(
+        default=None, ge=1, description="Tasks running at once; further submits wait QUEUED, first in first out."
+    )
+    max_queued: int | None = Field(
+        default=None, ge=0, description="Tasks waiting (QUEUED) at most; past it, submits answer 429."
+    )
     daily_tokens: int | None = Field(default=None, ge=1, description="Tokens submitted per (scaled) day.")
 
 
@@ -54,7 +59,7 @@ class MockConfig(BaseModel):
     model_rpm: int | None = Field(default=200, ge=1, description="Submits per minute across tiers.")
     quotas: dict[ServiceTier, TierQuota] = Field(
         default={
-            "default": TierQuota(rpm=600, concurrency=10),
+            "default": TierQuota(rpm=600, concurrency=10, max_queued=120),
             "flex": TierQuota(daily_tokens=500_000_000_000),
         }
     )
@@ -137,6 +142,7 @@ class Task:
     request: SubmitRequest
     created: float
     queue_s: float
+    start: float  # when it leaves the queue and begins rendering (inf: it expires before a slot frees)
     render_s: float
     expires_s: float
     outcome: Outcome
@@ -146,7 +152,7 @@ class Task:
 
     @property
     def started(self) -> float:
-        return self.created + self.queue_s
+        return self.start
 
     @property
     def planned_end(self) -> float:
@@ -255,7 +261,10 @@ class MockState:
         self._offset = 0.0
         self._epoch = time.time()
         self._rpm: dict[str, _Window] = {"model": _Window(), "default": _Window(), "flex": _Window()}
-        self._unfinished: dict[str, list[tuple[float, str]]] = {"default": [], "flex": []}
+        # Per tier: when each running slot frees (the finish times of the tasks holding them), and when each
+        # waiting task leaves the queue (to start, or expired): enough to schedule FIFO and count the queue.
+        self._slots: dict[str, list[float]] = {"default": [], "flex": []}
+        self._waiting: dict[str, list[float]] = {"default": [], "flex": []}
         self._tokens_day: dict[str, tuple[int, int]] = {"default": (0, 0), "flex": (0, 0)}
 
     # clock
@@ -284,13 +293,14 @@ class MockState:
             wait = self._rpm[tier].check(now, minute, quota.rpm)
             if wait is not None:
                 return QuotaVerdict(f"{tier} tier rate limit of {quota.rpm} requests per minute", wait)
-        if quota.concurrency is not None:
-            heap = self._unfinished[tier]
-            while heap and heap[0][0] <= now:
-                heapq.heappop(heap)
-            if len(heap) >= quota.concurrency:
+        if quota.max_queued is not None:
+            waiting = self._waiting[tier]
+            while waiting and waiting[0] <= now:
+                heapq.heappop(waiting)
+            if len(waiting) >= quota.max_queued:
                 return QuotaVerdict(
-                    f"{tier} tier allows {quota.concurrency} unfinished tasks at once", heap[0][0] - now
+                    f"{tier} tier queue is full: {quota.max_queued} tasks already wait for a running slot",
+                    waiting[0] - now if waiting else 1.0,
                 )
         if quota.daily_tokens is not None:
             day_length = self.scaled(86400.0)
@@ -302,11 +312,32 @@ class MockState:
                 return QuotaVerdict(f"{tier} tier daily budget of {quota.daily_tokens} tokens is spent", next_day - now)
         return None
 
+    def _schedule(self, tier: ServiceTier, ready: float, render_s: float, expires_at: float, hang: bool) -> float:
+        """When a task ready at `ready` starts: FIFO for the tier's running slots (inf when it expires first)."""
+        concurrency = self.config.quotas.get(tier, TierQuota()).concurrency
+        slots = self._slots[tier]
+        if concurrency is None or len(slots) < concurrency:
+            start = ready
+        else:
+            # Wait for as many holders to finish as are over the limit (the limit may have shrunk).
+            ordered = sorted(slots)
+            start = max(ready, ordered[len(ordered) - concurrency])
+            if start >= expires_at:
+                start = math.inf  # expires waiting; it never takes a slot
+            else:
+                slots[:] = ordered[len(ordered) - concurrency + 1 :]
+                heapq.heapify(slots)
+        if concurrency is not None and start != math.inf:
+            end = math.inf if hang else start + render_s
+            heapq.heappush(slots, min(end, expires_at))
+        if start > ready:  # it waits for a slot: counted against the queue until it starts or expires
+            heapq.heappush(self._waiting[tier], min(start, expires_at))
+        return start
+
     def _count_submit(self, task: Task) -> None:
         now = task.created
         self._rpm["model"].events.append(now)
         self._rpm[task.tier].events.append(now)
-        heapq.heappush(self._unfinished[task.tier], (task.finishes_at, task.task_id))
         day = int((now - self._epoch) // self.scaled(86400.0))
         used_day, used = self._tokens_day[task.tier]
         self._tokens_day[task.tier] = (day, (used if used_day == day else 0) + task.request.tokens())
@@ -318,14 +349,20 @@ class MockState:
         tier = request.service_tier
         length = request.duration / 5 * cfg.resolution_factor.get(request.resolution, 1.0)
         outcome, reason = self._plan_outcome(request)
+        created = self.now()
+        queue_s = self.scaled(cfg.queue_seconds[tier] * self._spread())
+        render_s = self.scaled(cfg.render_seconds[tier] * length * self._spread())
+        expires_s = self.scaled(request.execution_expires_after)
+        start = self._schedule(tier, created + queue_s, render_s, created + expires_s, outcome == "hang")
         task = Task(
             task_id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
             tier=tier,
             request=request,
-            created=self.now(),
-            queue_s=self.scaled(cfg.queue_seconds[tier] * self._spread()),
-            render_s=self.scaled(cfg.render_seconds[tier] * length * self._spread()),
-            expires_s=self.scaled(request.execution_expires_after),
+            created=created,
+            queue_s=queue_s,
+            start=start,
+            render_s=render_s,
+            expires_s=expires_s,
             outcome=outcome,
             reason=reason,
             seed=request.seed if request.seed is not None and request.seed >= 0 else self.rng.getrandbits(32),
@@ -391,6 +428,8 @@ class MockState:
                 "tier": task.tier,
                 "request": redacted(task.request),
                 "submitted_at": iso(task.created),
+                "started_at": iso(task.started) if task.started <= now and task.started < task.expires_at else None,
+                "queued_seconds": round(min(task.started, task.expires_at, now) - task.created, 6),
                 "finished_at": iso(seen.finished_at) if seen.finished_at is not None else None,
                 "outcome": task.outcome,
                 "polls": task.polls,

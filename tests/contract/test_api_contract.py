@@ -223,18 +223,100 @@ async def test_over_the_rate_quota_submits_get_429_with_retry_after(target: Targ
     await submit(target, body(service_tier="flex"))  # the other tier has its own quota
 
 
+async def status_of(target: Target, task_id: str) -> TaskStatus:
+    response = await target.api.get(TASK_RESULT_PATH, params={"task_id": task_id})
+    return TaskResult.model_validate_json(response.content).task.status
+
+
+async def mock_tasks(target: Target) -> dict[str, dict[str, Any]]:
+    tasks = (await mock_control(target).get("/_mock/tasks")).json()["tasks"]
+    return {t["task_id"]: t for t in tasks}
+
+
+async def advance(target: Target, seconds: float) -> None:
+    (await mock_control(target).post("/_mock/advance", json={"seconds": seconds})).raise_for_status()
+
+
 @pytest.mark.mock_only
-async def test_over_the_concurrency_quota_submits_get_429_until_a_task_finishes(target: Target) -> None:
+async def test_past_the_running_limit_submits_wait_queued_in_order(target: Target) -> None:
     control = mock_control(target)
-    config = {"quotas": {"default": {"concurrency": 1}, "flex": {}}, "jitter": 0}
+    config = {
+        "quotas": {"default": {"concurrency": 2}},
+        "time_scale": 1.0,
+        "jitter": 0,
+        "queue_seconds": {"default": 0},
+    }
     (await control.post("/_mock/config", json=config)).raise_for_status()
-    first = await submit(target, body())
+    ids = [await submit(target, body()) for _ in range(4)]  # each renders 28.8 s (4 s at 480p)
+    assert [await status_of(target, i) for i in ids] == [
+        TaskStatus.PROCESSING,
+        TaskStatus.PROCESSING,
+        TaskStatus.QUEUED,
+        TaskStatus.QUEUED,
+    ]
+    await advance(target, 29)
+    assert [await status_of(target, i) for i in ids] == [
+        TaskStatus.SUCCEED,
+        TaskStatus.SUCCEED,
+        TaskStatus.PROCESSING,
+        TaskStatus.PROCESSING,
+    ]
+    tasks = await mock_tasks(target)
+    first, third = tasks[ids[0]], tasks[ids[2]]
+    assert third["started_at"] == first["finished_at"], "a queued task starts when a slot frees"
+    assert third["queued_seconds"] == pytest.approx(28.8, abs=0.05)
+    assert first["queued_seconds"] == pytest.approx(0, abs=0.05)
+    await advance(target, 29)
+    assert {await status_of(target, i) for i in ids} == {TaskStatus.SUCCEED}
+
+
+@pytest.mark.mock_only
+async def test_past_the_queue_cap_submits_get_429_until_a_task_starts(target: Target) -> None:
+    control = mock_control(target)
+    config = {
+        "quotas": {"default": {"concurrency": 1, "max_queued": 2}},
+        "time_scale": 1.0,
+        "jitter": 0,
+        "queue_seconds": {"default": 0},
+    }
+    (await control.post("/_mock/config", json=config)).raise_for_status()
+    for _ in range(3):  # one running, two waiting
+        await submit(target, body())
     response = await target.api.post(SUBMIT_PATH, json=body())
-    assert_error(response, 429, "RATE_LIMIT_EXCEEDED")
-    wait = float(response.headers["Retry-After"])
-    await poll_until_finished(target, first)
-    assert wait > 0
+    error = assert_error(response, 429, "RATE_LIMIT_EXCEEDED")
+    assert "queue is full" in error.message
+    assert float(response.headers["Retry-After"]) == pytest.approx(29, abs=1)
+    await submit(target, body(service_tier="flex"))  # the other tier has its own queue
+    await advance(target, 29)  # the first finishes, the second starts: one place frees in the queue
     await submit(target, body())
+    assert_error(await target.api.post(SUBMIT_PATH, json=body()), 429, "RATE_LIMIT_EXCEEDED")
+
+
+@pytest.mark.mock_only
+async def test_a_queued_task_past_its_window_expires_without_running(target: Target) -> None:
+    control = mock_control(target)
+    config = {"quotas": {"default": {"concurrency": 1}}, "time_scale": 1.0, "queue_seconds": {"default": 0}}
+    (await control.post("/_mock/config", json=config)).raise_for_status()
+    forced = {"outcomes": [{"outcome": "hang", "prompt_contains": "[forever]"}]}
+    (await control.post("/_mock/faults", json=forced)).raise_for_status()
+    hog = await submit(target, body(prompt="[forever] boat", execution_expires_after=7200))
+    waiting = await submit(target, body(execution_expires_after=3600))
+    assert await status_of(target, waiting) is TaskStatus.QUEUED
+    await advance(target, 3601)
+    response = await target.api.get(TASK_RESULT_PATH, params={"task_id": waiting})
+    task = TaskResult.model_validate_json(response.content).task
+    assert task.status is TaskStatus.FAILED and "expired" in task.reason
+    assert (await mock_tasks(target))[waiting]["started_at"] is None, "it never ran"
+    assert await status_of(target, hog) is TaskStatus.PROCESSING
+
+
+@pytest.mark.mock_only
+async def test_the_config_merges_deeply(target: Target) -> None:
+    control = mock_control(target)
+    (await control.post("/_mock/config", json={"quotas": {"default": {"concurrency": 3}}})).raise_for_status()
+    quotas = (await control.get("/_mock/config")).json()["quotas"]
+    assert quotas["default"] == {"rpm": 600, "concurrency": 3, "max_queued": 120, "daily_tokens": None}
+    assert quotas["flex"]["daily_tokens"] == 500_000_000_000
 
 
 @pytest.mark.mock_only
