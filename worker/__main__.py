@@ -65,11 +65,19 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     limits = {}
+    # Long enough that a permit of a submit in progress (one API request at most) is never taken for a leak.
+    window = 2 * settings.api_timeout_seconds + 2 * settings.in_flight_refresh_seconds + 5
     for tier, config in settings.tiers.items():
-        metrics.tier_limit.labels(tier, "rpm").set(config.rpm)
-        metrics.tier_limit.labels(tier, "max_in_flight").set(config.max_in_flight)
-        metrics.tier_limit.labels(tier, "daily_tokens").set(config.daily_tokens or 0)
-        limits[tier] = TierLimits(config.rpm, config.max_in_flight, config.daily_tokens)
+        for name, value in (
+            ("rpm", config.rpm),
+            ("max_in_flight", config.max_in_flight),
+            ("queue_ahead", config.queue_ahead),
+            ("daily_tokens", config.daily_tokens),
+        ):
+            metrics.tier_limit.labels(tier, name).set(value if value is not None else float("nan"))
+        limits[tier] = TierLimits(
+            tier, config, minute_seconds=60 * settings.poll_scale, reconcile_window_seconds=window
+        )
     timeout = httpx.Timeout(settings.api_timeout_seconds, connect=min(10.0, settings.api_timeout_seconds))
     async with contextlib.AsyncExitStack() as stack:
         http = await stack.enter_async_context(
@@ -105,7 +113,7 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
         handler = JobHandler(
             settings, api, limits, api_access, metrics, stopping, store=store, store_access=store_access
         )
-        service = Service(settings, handler, intake, metrics, stopping, api_access, store_access)
+        service = Service(settings, handler, intake, limits, metrics, stopping, api_access, store_access)
         await stack.enter_async_context(
             HealthServer(registry, service.readiness, settings.metrics_host, settings.metrics_port)
         )

@@ -210,7 +210,8 @@ class JobHandler:
                 self._metrics.api_retries.labels("submit", "429").inc()
                 limits.block_for(
                     exc.retry_after
-                    or backoff_delay(1, base=settings.retry_base_seconds, cap=settings.retry_max_seconds)
+                    or backoff_delay(1, base=settings.retry_base_seconds, cap=settings.retry_max_seconds),
+                    "the API's 429",
                 )
                 continue
             except TransientApiError as exc:
@@ -264,9 +265,16 @@ class JobHandler:
 
     # Tracking
     async def handle_tracking(self, state: TrackingState) -> Track | Finish:
-        """Poll the task if it is due (else send the state on for the rest of its wait)."""
+        """Poll the task if it is due (else send the state on for the rest of its wait); when the task has
+        ended, its running slot is free for another job at once."""
         if state.stage == "store":  # not a poll: back to the copy stage's queue
             return Track(state, 0.0)
+        outcome = await self._poll(state)
+        if isinstance(outcome, Finish) or outcome.state.stage == "store":
+            await self._limits[state.tier].task_ended()
+        return outcome
+
+    async def _poll(self, state: TrackingState) -> Track | Finish:
         now = self._clock()
         if state.next_poll_at is not None:
             early = (state.next_poll_at - now).total_seconds()

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from contracts.api import MIN_TOKENS, ServiceTier
+from contracts.api import ServiceTier
 from contracts.messages import DEAD_LETTER_QUEUE, TIERS
 from worker import topology
 from worker.access import Access
 from worker.consumer import Consumer
-from worker.limits import TierLimits
+from worker.limits import Leadership, TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
@@ -76,6 +76,7 @@ class Intake:
         self._jobs: dict[ServiceTier, _Feed] = {}
         self._tracking: dict[ServiceTier, _Feed] = {}
         self._store: dict[ServiceTier, _Feed] = {}
+        self._leadership = Leadership()
 
     def wake(self) -> None:
         """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
@@ -103,7 +104,7 @@ class Intake:
         counter = await connection.channel()
         # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
         # make aiormq close its channel with a warning).
-        await asyncio.gather(self._supervise(), self._recount(counter, consumer))
+        await asyncio.gather(self._supervise(), self._recount(connection, counter, consumer))
 
     async def close(self) -> None:
         """Stop consuming everything (deliveries in hand carry on)."""
@@ -116,9 +117,9 @@ class Intake:
             api_ok = self._api_access.ok
             store_ok = self._store_access is None or self._store_access.ok
             for tier in TIERS:
-                # Open only if the cheapest job could go now: a token budget nearly spent closes the tier
-                # rather than take jobs that could only wait and go back.
-                open_ = api_ok and store_ok and self._limits[tier].wait_time(MIN_TOKENS) == 0
+                # Open only while no limit of the tier was found full just now: jobs wait in RabbitMQ,
+                # not in this replica's hands.
+                open_ = api_ok and store_ok and self._limits[tier].wait_time() == 0
                 self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
                 wanted = ((self._jobs[tier], open_), (self._tracking[tier], api_ok), (self._store[tier], store_ok))
                 for feed, on in wanted:
@@ -130,26 +131,36 @@ class Intake:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._settings.in_flight_refresh_seconds)
 
-    async def _recount(self, channel: AbstractChannel, consumer: Consumer) -> None:
-        """Tasks in flight per tier = tracking messages of the tier in the broker (any replica's).
+    async def _recount(
+        self, connection: AbstractRobustConnection, channel: AbstractChannel, consumer: Consumer
+    ) -> None:
+        """Tasks in flight per tier = tracking messages of the tier in the broker (any replica's), plus the
+        account's usage of its limits; the leader among the replicas also reconciles the slot permits.
 
         The queues are read in the direction messages flow (delay queues, then the tracking queue, then
-        the deliveries in hand), so a message moving during the count is seen twice rather than missed;
-        what this replica submits during the count is added by the limits' own bookkeeping.
+        the deliveries in hand), so a message moving during the count is seen twice rather than missed.
         """
         while not self._stopping.is_set():
             try:
+                leader = await self._leadership.claim(connection)
+                self._metrics.limits_leader.set(1 if leader else 0)
                 raw = await channel.get_underlay_channel()
                 for tier in TIERS:
                     limits = self._limits[tier]
-                    started = limits.recount_started()
                     total = 0
                     for name in reversed(topology.tracking_queues(tier, self._settings)):
                         declared = await raw.queue_declare(name, passive=True)
                         total += declared.message_count or 0
                     total += consumer.tracking_in_hand(tier)
-                    limits.recounted(total, started)
-                    self._metrics.tasks_in_flight.labels(tier).set(limits.in_flight)
+                    self._metrics.tasks_in_flight.labels(tier).set(total)
+                    if leader:
+                        await limits.reconcile(total)
+                    taken = await limits.slots_taken()
+                    if taken is not None:
+                        self._metrics.account_slots_taken.labels(tier).set(taken)
+                    minute = await limits.submits_last_minute()
+                    if minute is not None:
+                        self._metrics.account_submits_last_minute.labels(tier).set(minute)
                 for name in (*(topology.job_queue(t) for t in TIERS), DEAD_LETTER_QUEUE):
                     declared = await raw.queue_declare(name, passive=True)
                     self._metrics.queue_messages.labels(name).set(declared.message_count or 0)

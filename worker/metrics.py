@@ -48,6 +48,24 @@ class Metrics:
             ["tier"],
             registry=registry,
         )
+        self.account_slots_taken = Gauge(
+            "seedance_account_slots_taken",
+            "Running-slot permits taken: the account's tasks submitted and not ended (all replicas), against "
+            "max_in_flight + queue_ahead.",
+            ["tier"],
+            registry=registry,
+        )
+        self.account_submits_last_minute = Gauge(
+            "seedance_account_submits_last_minute",
+            "The account's submits in the last minute (all replicas), against the rpm limit.",
+            ["tier"],
+            registry=registry,
+        )
+        self.limits_leader = Gauge(
+            "seedance_limits_leader",
+            "1 on the replica that reconciles the account's limits (exactly one should).",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "seedance_job_queue_wait_seconds",
             "From job creation to the API accepting it.",
@@ -178,6 +196,8 @@ class Metrics:
         for tier in TIERS:
             self.jobs_received.labels(tier)
             self.tasks_in_flight.labels(tier)
+            self.account_slots_taken.labels(tier)
+            self.account_submits_last_minute.labels(tier)
             self.queue_wait.labels(tier)
             self.polls.labels(tier)
             self.consumer_paused.labels(tier)

@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.connection import make_url
 
+from contracts.api import ServiceTier
 from worker import topology
 from worker.access import Access
 from worker.backoff import backoff_delay
 from worker.consumer import Consumer
 from worker.handler import JobHandler
 from worker.intake import Intake
+from worker.limits import Permits, TierLimits
 from worker.metrics import Metrics
 from worker.publisher import Publisher
 from worker.settings import Settings
@@ -46,6 +49,7 @@ class Service:
         settings: Settings,
         handler: JobHandler,
         intake: Intake,
+        limits: Mapping[ServiceTier, TierLimits],
         metrics: Metrics,
         stopping: Stopping,
         api_access: Access,
@@ -54,6 +58,7 @@ class Service:
         self._settings = settings
         self._handler = handler
         self._intake = intake
+        self._limits = limits
         self._metrics = metrics
         self._stopping = stopping
         self._api_access = api_access
@@ -91,6 +96,9 @@ class Service:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await topology.declare(channel, self._settings)
             publisher = await Publisher.open(channel, self._settings.tracking_delays_ms)
+            permits = Permits(connection)
+            for limits in self._limits.values():
+                await limits.attach(permits)
             consumer = Consumer(self._handler, publisher, self._metrics)
             self.declared = True
             log.info("worker started", extra={"tiers": "default,flex"})

@@ -29,8 +29,9 @@ class TierSettings:
     """The settings of one tier, read from `SEEDANCE_<TIER>_*`; times already multiplied by the poll scale."""
 
     name: ServiceTier
-    rpm: int
-    max_in_flight: int
+    rpm: int | None
+    max_in_flight: int | None
+    queue_ahead: int
     daily_tokens: int | None
     prefetch: int
     expected_seconds: float
@@ -80,18 +81,33 @@ class Settings(BaseSettings):
         "sends it again (it may be paid twice), `fail` ends the job failed with SUBMIT_AMBIGUOUS.",
     )
 
-    # Tier limits (per worker for RPM and tokens; tasks in flight are counted in the broker, for all replicas)
-    default_rpm: int = Field(default=600, ge=1, description="Submits per minute, default tier.")
-    flex_rpm: int = Field(default=600, ge=1, description="Submits per minute, flex tier.")
-    default_max_in_flight: int = Field(default=10, ge=1, description="Unfinished tasks, default tier.")
-    flex_max_in_flight: int = Field(default=1000, ge=1, description="Unfinished tasks, flex tier.")
-    default_daily_tokens: int | None = Field(default=None, ge=1, description="Tokens per UTC day, default tier.")
-    flex_daily_tokens: int | None = Field(default=500_000_000_000, ge=1, description="Tokens per UTC day, flex tier.")
+    # The account's quotas per tier, for all replicas together (kept in RabbitMQ; empty: unlimited)
+    default_rpm: int | None = Field(default=600, ge=1, description="Submits per minute of the account, default tier.")
+    flex_rpm: int | None = Field(default=600, ge=1, description="Submits per minute of the account, flex tier.")
+    default_max_in_flight: int | None = Field(
+        default=10, ge=1, description="Tasks the API runs at once for the account (its concurrency), default tier."
+    )
+    flex_max_in_flight: int | None = Field(
+        default=1000, ge=1, description="Tasks the API runs at once for the account, flex tier."
+    )
+    default_queue_ahead: int = Field(
+        default=5,
+        ge=0,
+        description="Further tasks kept waiting in the API's own queue, so a slot that frees is taken at once "
+        "(0 for an API that answers 429 past its running limit), default tier.",
+    )
+    flex_queue_ahead: int = Field(default=20, ge=0, description="The same, flex tier.")
+    default_daily_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens per UTC day of the account, default tier."
+    )
+    flex_daily_tokens: int | None = Field(
+        default=500_000_000_000, ge=1, description="Tokens per UTC day of the account, flex tier."
+    )
     default_prefetch: int = Field(default=8, ge=1, description="Jobs taken at once from the default queue.")
     flex_prefetch: int = Field(default=4, ge=1, description="Jobs taken at once from the flex queue.")
     tracking_prefetch: int = Field(default=32, ge=1, description="Tracking messages handled at once per tier.")
     in_flight_refresh_seconds: float = Field(
-        default=1.0, gt=0, description="How often tasks in flight are recounted from the broker."
+        default=1.0, gt=0, description="How often tasks in flight are recounted (and the limits reconciled)."
     )
 
     # Tracking
@@ -100,7 +116,9 @@ class Settings(BaseSettings):
         description="Delay levels of the tracking queues, comma-separated milliseconds; one queue per level.",
     )
     poll_scale: float = Field(
-        default=1.0, gt=0, description="Multiplies every poll interval and render estimate (tests use 0.001)."
+        default=1.0,
+        gt=0,
+        description="Multiplies every poll interval, render estimate and the per-minute window (for fast mocks).",
     )
     default_expected_seconds: float = Field(
         default=60.0, gt=0, description="Expected time to finish a 5 s 720p clip, default tier."
@@ -169,7 +187,16 @@ class Settings(BaseSettings):
         return None if value is None else check_url(value)
 
     @field_validator(
-        "api_key", "api_key_file", "default_daily_tokens", "flex_daily_tokens", "storage_url", mode="before"
+        "api_key",
+        "api_key_file",
+        "default_rpm",
+        "flex_rpm",
+        "default_max_in_flight",
+        "flex_max_in_flight",
+        "default_daily_tokens",
+        "flex_daily_tokens",
+        "storage_url",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -213,6 +240,7 @@ class Settings(BaseSettings):
                 name=tier,
                 rpm=get("rpm"),
                 max_in_flight=get("max_in_flight"),
+                queue_ahead=get("queue_ahead"),
                 daily_tokens=get("daily_tokens"),
                 prefetch=get("prefetch"),
                 expected_seconds=get("expected_seconds") * scale,

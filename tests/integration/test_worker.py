@@ -247,32 +247,48 @@ async def test_an_auth_fault_pauses_intake_and_resumes_by_itself(start_worker, b
     await wait_for(lambda: _status(worker, 200), what="ready again")
 
 
-async def test_the_in_flight_limit_holds_jobs_in_rabbitmq(start_worker, bus: Bus, mock: Mock) -> None:
-    mock.config(render_seconds={"default": 600, "flex": 600}, quotas={"default": {}, "flex": {}}, jitter=0)
+def peak(intervals: list[tuple[str, str | None]]) -> int:
+    """The most intervals (start, end; None: still open) that overlap at any moment."""
+    points = [(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals if end is not None]
+    running = top = 0
+    for _, step in sorted(points, key=lambda p: (p[0], p[1])):
+        running += step
+        top = max(top, running)
+    return top
+
+
+async def test_the_running_limit_holds_jobs_in_rabbitmq_with_a_few_queued_upstream(
+    start_worker, bus: Bus, mock: Mock
+) -> None:
+    # The account runs 3 tasks at once; the worker keeps 2 more waiting in the API's queue.
+    mock.config(render_seconds={"default": 600}, quotas={"default": {"concurrency": 3}}, jitter=0)
     # Polls at least 100 ms apart, as in production (2 s apart) relative to broker hops of a few ms.
     worker = await start_worker(
-        default_max_in_flight=3, default_prefetch=2, default_poll_min_seconds=100, default_poll_max_seconds=200
+        default_max_in_flight=3,
+        default_queue_ahead=2,
+        default_prefetch=2,
+        default_poll_min_seconds=100,
+        default_poll_max_seconds=200,
     )
     ids = [f"lim-{i}" for i in range(12)]
     await bus.publish_many([job(i) for i in ids])
-    await wait_for(lambda: len(mock.tasks()) == 3, what="three tasks submitted")
-    assert await bus.queue_depth("seedance.jobs.default") >= 12 - 3 - 2, "waiting jobs stay in the queue"
+    await wait_for(lambda: len(mock.tasks()) == 5, what="five tasks submitted")
+    assert await bus.queue_depth("seedance.jobs.default") >= 12 - 5 - 2, "waiting jobs stay in the queue"
     await wait_for(
         lambda: _at_least(worker.sample("seedance_queue_messages", queue="seedance.jobs.default"), 5),
         5,
         what="queue depth on /metrics",
     )
+    await wait_for(lambda: _eq(worker.sample("seedance_account_slots_taken", tier="default"), 5), 5, "slots")
     await bus.wait_terminal(ids, timeout=60)
-    # No moment had more than 3 unfinished tasks: replay submissions and finishes from the mock's journal.
-    points = []
-    for task in mock.tasks():
-        points += [(task["submitted_at"], 1), (task["finished_at"], -1)]
-    running = peak = 0
-    for _, step in sorted(points, key=lambda p: (p[0], p[1])):
-        running += step
-        peak = max(peak, running)
-    assert peak <= 3, f"{peak} tasks ran at once"
+    tasks = mock.tasks()
+    running = peak([(t["started_at"], t["finished_at"]) for t in tasks if t["started_at"]])
+    submitted = peak([(t["submitted_at"], t["finished_at"]) for t in tasks])
+    assert running <= 3, f"{running} tasks ran at once"
+    assert submitted <= 5, f"{submitted} tasks were submitted and unfinished at once"
+    assert sum(1 for t in tasks if t["queued_seconds"] > 0.05) > 0, "some waited upstream for a slot"
     assert await worker.sample("seedance_tier_limit", tier="default", limit="max_in_flight") == 3
+    assert await worker.sample("seedance_tier_limit", tier="default", limit="queue_ahead") == 2
 
 
 async def test_a_flex_backlog_does_not_delay_a_default_job(start_worker, bus: Bus, mock: Mock) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -9,8 +10,9 @@ import pytest
 
 from contracts.api import TaskResult
 from worker.backoff import backoff_delay
-from worker.limits import TierLimits
-from worker.settings import Settings
+from worker.errors import LimitReached
+from worker.limits import TierLimits, token_unit
+from worker.settings import Settings, TierSettings
 from worker.tracking import PollSchedule, TrackingState, capped, pick_delay_level
 
 
@@ -36,65 +38,56 @@ def test_backoff_never_undercuts_retry_after() -> None:
     assert backoff_delay(1, base=1.0, cap=60.0, retry_after=42.0) == 42.0
 
 
-def test_rpm_limit_opens_again_a_minute_after_the_oldest_request() -> None:
+def tier_settings(**fields: object) -> TierSettings:
+    values: dict[str, object] = {
+        "name": "default",
+        "rpm": 600,
+        "max_in_flight": 10,
+        "queue_ahead": 5,
+        "daily_tokens": None,
+        "prefetch": 8,
+        "expected_seconds": 60.0,
+        "poll_min_seconds": 2.0,
+        "poll_max_seconds": 15.0,
+    }
+    values.update(fields)
+    return TierSettings(**values)  # type: ignore[arg-type]
+
+
+def test_the_permit_queues_name_their_quota_and_the_slots_include_the_queue_ahead() -> None:
+    limits = TierLimits("flex", tier_settings(rpm=30, max_in_flight=4, queue_ahead=2, daily_tokens=10**9))
+    assert limits.rpm_queue == "seedance.limits.flex.rpm.30.61000ms", "a minute and a second"
+    assert limits.slots_queue == "seedance.limits.flex.slots.6"
+    assert limits.tokens_queue("2026-11-25") == "seedance.limits.flex.tokens.2026-11-25.1000000000"
+
+
+@pytest.mark.parametrize("budget", [1, 250, 64 * 2**20, 500_000_000_000])
+def test_a_days_budget_fits_in_64_mib_of_permits_and_is_never_exceeded(budget: int) -> None:
+    unit = token_unit(budget)
+    assert math.ceil(budget / unit) <= 2**26
+    assert unit == 1 or budget > 2**26, "exact to the token for budgets up to 64 M"
+    for tokens in (40_594, 108_900, 585_225):
+        assert math.ceil(tokens / unit) * unit >= tokens, "a job is charged at least its tokens"
+
+
+async def test_unset_quotas_limit_nothing_and_take_no_permits() -> None:
+    limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=None))
+    assert limits.capacity is None
+    for _ in range(100):
+        async with limits.slot(10**9) as slot:
+            slot.keep()
+    assert limits.wait_time() == 0
+
+
+async def test_a_429_blocks_the_tier_for_its_retry_after() -> None:
     clock = Clock()
-    limits = TierLimits(rpm=2, max_in_flight=100, daily_tokens=None, clock=clock)
-    assert limits.try_acquire(1) == 0
-    clock.now += 10
-    assert limits.try_acquire(1) == 0
-    assert limits.try_acquire(1) == pytest.approx(50)
-    clock.now += 50
-    assert limits.try_acquire(1) == 0
-
-
-def test_in_flight_counts_the_broker_plus_own_unconfirmed_submits() -> None:
-    clock = Clock()
-    limits = TierLimits(rpm=100, max_in_flight=3, daily_tokens=None, clock=clock)
-    limits.recounted(2, clock())
-    assert limits.try_acquire(1) == 0
-    assert limits.in_flight == 3
-    assert limits.try_acquire(1) > 0, "full: broker 2 + 1 pending"
-    limits.release(tracked=True)
-    assert limits.in_flight == 3, "confirmed but not yet recounted still counts"
-    clock.now += 1
-    limits.recounted(2, clock())  # the broker saw the submitted task; another one finished meanwhile
-    assert limits.in_flight == 2
-    assert limits.try_acquire(1) == 0
-
-
-def test_a_task_missed_by_one_recount_still_counts() -> None:
-    clock = Clock()
-    limits = TierLimits(rpm=100, max_in_flight=3, daily_tokens=None, clock=clock)
-    limits.recounted(3, clock())
-    limits.recounted(2, clock())  # one tracking message was between two queues during this count
-    assert limits.in_flight == 3
-    assert limits.try_acquire(1) > 0
-    limits.recounted(2, clock())  # two counts agree: a task really finished
-    assert limits.in_flight == 2
-
-
-def test_a_failed_submit_gives_its_slot_back() -> None:
-    limits = TierLimits(rpm=100, max_in_flight=1, daily_tokens=None, clock=Clock())
-    assert limits.try_acquire(1) == 0
-    limits.release(tracked=False)
-    assert limits.try_acquire(1) == 0
-
-
-def test_the_daily_token_budget_resets_at_utc_midnight() -> None:
-    wall = Clock(datetime(2026, 5, 1, 23, 0, tzinfo=UTC).timestamp())
-    limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=250, clock=Clock(), wall=wall)
-    assert limits.try_acquire(100) == 0
-    assert limits.try_acquire(100) == 0
-    assert limits.try_acquire(100) == pytest.approx(3600)
-    wall.now += 3600
-    assert limits.try_acquire(100) == 0
-
-
-def test_a_429_blocks_the_tier_for_its_retry_after() -> None:
-    clock = Clock()
-    limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=None, clock=clock)
-    limits.block_for(30)
+    limits = TierLimits("default", tier_settings(), clock=clock)
+    limits.block_for(30, "the API's 429")
     assert limits.wait_time() == pytest.approx(30)
+    with pytest.raises(LimitReached) as caught:
+        async with limits.slot(1):
+            pass
+    assert (caught.value.limit, caught.value.wait) == ("the API's 429", pytest.approx(30))
     clock.now += 30
     assert limits.wait_time() == 0
 
@@ -209,16 +202,6 @@ def test_the_key_file_is_read_afresh_each_time(monkeypatch: pytest.MonkeyPatch, 
     key.write_text("rotated")
     assert settings.read_api_key() == "rotated"
     assert "first" not in repr(settings) and "rotated" not in repr(settings)
-
-
-def test_a_budget_too_small_for_the_cheapest_job_closes_the_tier() -> None:
-    from contracts.api import MIN_TOKENS, SubmitRequest  # noqa: PLC0415
-
-    cheapest = SubmitRequest(image="https://e.com/a.png", prompt="p", duration=4, resolution="480p")
-    assert cheapest.tokens() == MIN_TOKENS
-    limits = TierLimits(rpm=100, max_in_flight=100, daily_tokens=MIN_TOKENS * 2 - 1, clock=Clock())
-    assert limits.try_acquire(MIN_TOKENS) == 0
-    assert limits.wait_time(MIN_TOKENS) > 0
 
 
 def test_an_empty_key_variable_means_no_key(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -166,7 +166,7 @@ async def stage(rig: Rig) -> AsyncIterator[Stage]:
     store_access = Access(
         "the video store", rig.store.check_write, rig.metrics.storage_access_ok, stopping, retry_max_seconds=0.01
     )
-    limits = {t: TierLimits(1000, 1000, None) for t in ("default", "flex")}
+    limits = {t: TierLimits(t, Settings().tiers[t]) for t in ("default", "flex")}
     handler = JobHandler(
         settings, api, limits, api_access, rig.metrics, stopping, store=rig.store, store_access=store_access
     )

@@ -1,0 +1,190 @@
+"""The account's quotas in RabbitMQ, exercised on a real broker: permits per minute, running slots and
+daily tokens shared exactly by several replicas (each its own connection), the reconciliation of
+permits a dead replica left, and the election of the one replica that reconciles."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+
+from worker.errors import LimitReached
+from worker.limits import Leadership, Permits, TierLimits
+from worker.settings import TierSettings
+
+pytestmark = [pytest.mark.broker]
+
+
+def config(**fields: Any) -> TierSettings:
+    values: dict[str, Any] = {
+        "name": "default",
+        "rpm": None,
+        "max_in_flight": None,
+        "queue_ahead": 0,
+        "daily_tokens": None,
+        "prefetch": 8,
+        "expected_seconds": 60.0,
+        "poll_min_seconds": 2.0,
+        "poll_max_seconds": 15.0,
+    }
+    values.update(fields)
+    return TierSettings(**values)
+
+
+Replica = Callable[..., Any]
+
+
+class Clock:
+    """The replicas' monotonic clock, moved by hand: a refused permit pauses its replica for a moment."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pass_pauses(self) -> None:
+        self.now += 60
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def replica(vhost: str, clock: Clock) -> AsyncIterator[Replica]:
+    """Factory: the limits of one tier as one replica holds them (a connection of its own)."""
+    connections: list[aio_pika.abc.AbstractRobustConnection] = []
+
+    async def make(minute: float = 60.0, reconcile_window_seconds: float = 60.0, **fields: Any) -> TierLimits:
+        connection = await aio_pika.connect_robust(vhost)
+        connections.append(connection)
+        limits = TierLimits(
+            "default",
+            config(**fields),
+            minute_seconds=minute,
+            reconcile_window_seconds=reconcile_window_seconds,
+            clock=clock,
+        )
+        await limits.attach(Permits(connection))
+        return limits
+
+    yield make
+    for connection in connections:
+        await connection.close()
+
+
+async def attempt(limits: TierLimits, tokens: int = 1, *, keep: bool = True) -> bool:
+    """One submit's worth of permits: True when granted (and kept), False when a limit was full."""
+    try:
+        async with limits.slot(tokens) as slot:
+            if keep:
+                slot.keep()
+    except LimitReached:
+        return False
+    return True
+
+
+async def test_running_slots_are_shared_exactly_by_replicas_and_freed_at_once(replica: Replica, clock: Clock) -> None:
+    replicas = [await replica(max_in_flight=5, queue_ahead=2) for _ in range(3)]
+    granted = await asyncio.gather(*(attempt(replicas[i % 3]) for i in range(30)))
+    assert sum(granted) == 7, "max_in_flight + queue_ahead, across all replicas at once"
+    assert await replicas[0].slots_taken() == 7
+    assert replicas[2].wait_time() > 0, "a replica refused pauses before it tries again"
+    await replicas[1].task_ended()  # a task ends on one replica...
+    clock.pass_pauses()
+    assert await attempt(replicas[2]), "...and its slot is another replica's at once"
+    assert not await attempt(replicas[0]), "full again"
+
+
+async def test_a_submit_that_does_not_keep_its_slot_gives_it_back(replica: Replica) -> None:
+    limits = await replica(max_in_flight=1)
+    assert await attempt(limits, keep=False)
+    assert await limits.slots_taken() == 0
+    assert await attempt(limits, keep=True)
+    assert not await attempt(limits)
+
+
+async def test_the_per_minute_window_is_exact_and_slides(replica: Replica, clock: Clock) -> None:
+    first, second = await replica(rpm=6, minute=1.0), await replica(rpm=6, minute=1.0)
+    granted = await asyncio.gather(*(attempt(r) for r in [first, second] * 6))
+    assert sum(granted) == 6
+    assert await first.submits_last_minute() == 6
+    clock.pass_pauses()
+
+    async def window_passed() -> bool:
+        return await first.submits_last_minute() == 0
+
+    for _ in range(60):
+        if await window_passed():
+            break
+        await asyncio.sleep(0.05)
+    assert await window_passed(), "every permit expires with its minute"
+    assert sum(await asyncio.gather(*(attempt(r) for r in [first, second] * 6))) == 6
+
+
+async def test_a_refused_rate_permit_gives_the_slot_back(replica: Replica) -> None:
+    limits = await replica(rpm=1, max_in_flight=5)
+    assert await attempt(limits)
+    assert not await attempt(limits)
+    assert await limits.slots_taken() == 1, "only the granted submit holds a slot"
+
+
+async def test_the_daily_token_budget_is_shared_and_never_exceeded(replica: Replica, clock: Clock) -> None:
+    first, second = await replica(daily_tokens=250), await replica(daily_tokens=250)
+    assert await attempt(first, 100)
+    assert await attempt(second, 100)
+    assert not await attempt(first, 100), "300 > 250"
+    assert await attempt(second, 50), "exactly to the budget"
+    assert not await attempt(second, 1)
+    clock.pass_pauses()
+    assert not await attempt(first, 1), "still spent after the pause: the budget is the day's"
+
+
+async def test_permits_a_dead_replica_left_are_reclaimed_and_missing_ones_restored(replica: Replica) -> None:
+    limits = await replica(max_in_flight=4, reconcile_window_seconds=0.5)
+    for _ in range(4):
+        assert await attempt(limits)  # four permits; only two tasks really run
+    for _ in range(8):
+        await limits.reconcile(in_flight=2)
+        await asyncio.sleep(0.1)
+    assert await limits.slots_taken() == 2, "the two nobody holds are gone"
+    await limits.task_ended()
+    await limits.task_ended()  # handled twice: one permit too few for the two tasks
+    for _ in range(3):
+        await limits.reconcile(in_flight=2)
+    assert await limits.slots_taken() == 2
+
+
+async def test_permits_of_submits_in_progress_are_not_taken_for_leaks_while_the_tier_has_room(
+    replica: Replica,
+) -> None:
+    limits = await replica(max_in_flight=10, reconcile_window_seconds=0.3)
+    for _ in range(3):
+        assert await attempt(limits)
+    for _ in range(6):
+        await limits.reconcile(in_flight=1)
+        await asyncio.sleep(0.1)
+    assert await limits.slots_taken() == 3, "not full: nothing to reclaim yet"
+
+
+async def test_one_replica_leads_and_another_takes_over_when_it_goes(vhost: str) -> None:
+    first_connection = await aio_pika.connect_robust(vhost)
+    second_connection = await aio_pika.connect_robust(vhost)
+    first, second = Leadership(), Leadership()
+    try:
+        assert await first.claim(first_connection)
+        assert not await second.claim(second_connection)
+        assert await first.claim(first_connection), "the leader keeps leading"
+        await first_connection.close()
+        for _ in range(50):
+            if await second.claim(second_connection):
+                break
+            await asyncio.sleep(0.1)
+        assert second.leader
+    finally:
+        await second_connection.close()
