@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from itertools import pairwise
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 import pytest
