@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -34,6 +35,7 @@ from contracts.messages import TERMINAL_STATUSES
 from tests.servers import free_port, start_mock, start_seaweedfs
 
 KEY = "bench-key"
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
 
 @contextmanager
@@ -62,7 +64,7 @@ def worker(
         "SEEDANCE_API_KEY": KEY,
         "SEEDANCE_METRICS_PORT": str(port),
         "SEEDANCE_METRICS_HOST": "127.0.0.1",
-        "SEEDANCE_LOG_LEVEL": "WARNING",
+        "SEEDANCE_LOG_LEVEL": settings.pop("log_level", "WARNING"),
     }
     env.update({f"SEEDANCE_{k.upper()}": str(v) for k, v in settings.items()})
     proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=subprocess.DEVNULL)
@@ -275,6 +277,102 @@ def memory(in_flight: int) -> None:
         mock.stop()
 
 
+def account(runs: int, jobs: int, backlog: int) -> None:
+    """Three worker processes sharing one mock account of 10 running slots (renders of about 3 s):
+    how busy they keep the slots, and how long a default job waits while a flex backlog is queued."""
+    scale = 0.05  # the mock's clock and the workers' poll scale: a 4 s 480p clip renders in 3 s
+    mock = start_mock(time_scale=scale, api_key=KEY, seed=5)
+    settings: dict[str, Any] = {"poll_scale": scale, "default_max_in_flight": 10, "in_flight_refresh_seconds": 0.5}
+    config = {
+        "model_rpm": None,
+        "jitter": 0,
+        "queue_seconds": {"default": 0, "flex": 1800},
+        "render_seconds": {"default": 125, "flex": 120},
+        "quotas": {"default": {"concurrency": 10, "max_queued": 120}, "flex": {}},
+    }
+    try:
+        utilisation, waits_p50, waits_p99 = [], [], []
+        for run in range(runs):
+            httpx.post(f"{mock.url}/_mock/reset").raise_for_status()
+            httpx.post(f"{mock.url}/_mock/config", json=config).raise_for_status()
+            with vhost() as amqp, contextlib.ExitStack() as stack:
+                for _ in range(3):
+                    stack.enter_context(worker(amqp, mock.url, **settings))
+                _, done = asyncio.run(run_jobs(amqp, jobs, 600, prefix=f"u{run}-", duration=4, resolution="480p"))
+                tasks = {t["task_id"]: t for t in httpx.get(f"{mock.url}/_mock/tasks").json()["tasks"]}
+                mine = [tasks[e["task_id"]] for e in done.values()]
+                renders = [_at(t["finished_at"]) - _at(t["started_at"]) for t in mine]
+                span = max(_at(t["finished_at"]) for t in mine) - min(_at(t["submitted_at"]) for t in mine)
+                utilisation.append(jobs / 10 * statistics.mean(renders) / span)
+            # The wait behind a flex backlog, with the workers' clocks at production speed (limits per real
+            # minute, flex polls 30 s apart): a scaled-down clock would poll the 1,000 flex tasks in flight
+            # twenty times as often as production does and measure that instead.
+            httpx.post(f"{mock.url}/_mock/reset").raise_for_status()
+            httpx.post(f"{mock.url}/_mock/config", json=config).raise_for_status()
+            with vhost() as amqp, contextlib.ExitStack() as stack:
+                for _ in range(3):
+                    stack.enter_context(worker(amqp, mock.url, default_max_in_flight=10))
+                waits = asyncio.run(default_waits_behind_flex(amqp, backlog, 40))
+                waits_p50.append(statistics.median(waits))
+                waits_p99.append(waits[min(len(waits) - 1, int(len(waits) * 0.99))])
+    finally:
+        mock.stop()
+    print(
+        f"account: 3 workers, one account of 10 running slots, {jobs} jobs of 3 s renders: slot utilisation "
+        f"{', '.join(f'{u:.1%}' for u in utilisation)} (median {statistics.median(utilisation):.1%}); "
+        f"a default job's wait (created to submitted) with {backlog} flex jobs queued: p50 "
+        f"{statistics.median(waits_p50) * 1000:.0f} ms, p99 {statistics.median(waits_p99) * 1000:.0f} ms "
+        f"(runs: {', '.join(f'{w * 1000:.0f}' for w in waits_p99)} ms)"
+    )
+
+
+async def default_waits_behind_flex(amqp: str, backlog: int, count: int) -> list[float]:
+    """Queue `backlog` flex jobs, then publish `count` default jobs a second apart (well within the default
+    tier's limits: 3 s renders, polled 2 s apart, hold about 6 of its 15 slots); their created-to-submitted
+    waits, sorted."""
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.declare_exchange("seedance.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(events, routing_key="job.submitted")
+        jobs = await channel.get_exchange("seedance.jobs")
+        waits: dict[str, float] = {}
+        all_in = asyncio.Event()
+
+        async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            event = json.loads(message.body)
+            if event["job_id"].startswith("urgent-"):
+                waits[event["job_id"]] = _at(event["submitted_at"]) - _at(event["created_at"])
+                if len(waits) >= count:
+                    all_in.set()
+
+        await queue.consume(on_event, no_ack=True)
+        for start in range(0, backlog, 500):
+            await asyncio.gather(
+                *(
+                    jobs.publish(
+                        aio_pika.Message(job(f"flex-{i}", service_tier="flex"), delivery_mode=PERSISTENT),
+                        routing_key="job.flex",
+                    )
+                    for i in range(start, min(backlog, start + 500))
+                )
+            )
+        for i in range(count):
+            body = json.loads(job(f"urgent-{i}"))
+            body["created_at"] = datetime.now(UTC).isoformat()
+            await jobs.publish(
+                aio_pika.Message(json.dumps(body).encode(), delivery_mode=PERSISTENT), routing_key="job.default"
+            )
+            await asyncio.sleep(1.0)
+        await asyncio.wait_for(all_in.wait(), 120)
+        return sorted(waits.values())
+
+
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
 def storage(runs: int, videos: int, megabytes: int) -> None:
     """Copy throughput from the mock to a real S3-compatible server, and peak memory on a 200 MB video."""
     import tempfile  # noqa: PLC0415
@@ -349,7 +447,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
-    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage"])
+    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account"])
     args = parser.parse_args()
     if args.only in (None, "throughput"):
         throughput(args.runs, args.jobs)
@@ -359,6 +457,8 @@ def main() -> None:
         memory(args.in_flight)
     if args.only in (None, "storage"):
         storage(args.runs, 10, 50)
+    if args.only in (None, "account"):
+        account(args.runs, 100, 5000)
 
 
 if __name__ == "__main__":

@@ -110,12 +110,18 @@ ROWS: list[tuple[str, list[Panel]]] = [
         "Capacity and saturation",
         [
             Panel(
-                "Tasks in flight vs limit",
-                "Submitted, unfinished tasks per tier (counted in the broker, all "
-                "replicas) against the configured SEEDANCE_<TIER>_MAX_IN_FLIGHT.",
+                "Tasks in flight vs running limit",
+                "Submitted, unfinished tasks per tier (counted in the broker, all replicas) against the "
+                "account's running limit (SEEDANCE_<TIER>_MAX_IN_FLIGHT) and that limit plus the tasks kept "
+                "waiting upstream (SEEDANCE_<TIER>_QUEUE_AHEAD).",
                 [
                     (f"max by (tier) (seedance_tasks_in_flight{{{T}}})", "in flight {{tier}}"),
-                    (f'max by (tier) (seedance_tier_limit{{{T},limit="max_in_flight"}})', "limit {{tier}}"),
+                    (f'max by (tier) (seedance_tier_limit{{{T},limit="max_in_flight"}})', "running limit {{tier}}"),
+                    (
+                        f'max by (tier) (seedance_tier_limit{{{T},limit="max_in_flight"}}) + '
+                        f'max by (tier) (seedance_tier_limit{{{T},limit="queue_ahead"}})',
+                        "with queue ahead {{tier}}",
+                    ),
                 ],
             ),
             Panel(
@@ -229,6 +235,61 @@ ROWS: list[tuple[str, list[Panel]]] = [
                     )
                 ],
                 "currencyUSD",
+            ),
+        ],
+    ),
+    (
+        "Account usage (all replicas together)",
+        [
+            Panel(
+                "Submits in the last minute vs limit",
+                "The account's accepted submits of the last minute (permits in RabbitMQ, all replicas) against "
+                "SEEDANCE_<TIER>_RPM.",
+                [
+                    (f"max by (tier) (seedance_account_submits_last_minute{{{T}}})", "last minute {{tier}}"),
+                    (f'max by (tier) (seedance_tier_limit{{{T},limit="rpm"}})', "limit {{tier}}"),
+                ],
+            ),
+            Panel(
+                "Running slots taken vs limit",
+                "Slot permits taken (tasks submitted and not ended, all replicas) against the running limit "
+                "plus the queue ahead: at the top line, jobs wait in RabbitMQ.",
+                [
+                    (f"max by (tier) (seedance_account_slots_taken{{{T}}})", "taken {{tier}}"),
+                    (
+                        f'max by (tier) (seedance_tier_limit{{{T},limit="max_in_flight"}}) + '
+                        f'max by (tier) (seedance_tier_limit{{{T},limit="queue_ahead"}})',
+                        "limit {{tier}}",
+                    ),
+                ],
+            ),
+            Panel(
+                "Queued upstream",
+                "Tasks in flight beyond the running limit: they wait in the API's own queue (an estimate: it "
+                "assumes no other client uses the account).",
+                [
+                    (
+                        f"clamp_min(max by (tier) (seedance_tasks_in_flight{{{T}}}) - "
+                        f'max by (tier) (seedance_tier_limit{{{T},limit="max_in_flight"}}), 0)',
+                        "{{tier}}",
+                    )
+                ],
+            ),
+            Panel(
+                "Tokens billed in 24 h vs daily budget",
+                "Tokens of successful videos in the last 24 hours (all replicas) against "
+                "SEEDANCE_<TIER>_DAILY_TOKENS (the budget also counts submits that did not succeed).",
+                [
+                    (f"sum by (tier) (increase({TOKENS}{{{T}}}[1d]))", "billed {{tier}}"),
+                    (f'max by (tier) (seedance_tier_limit{{{T},limit="daily_tokens"}})', "budget {{tier}}"),
+                ],
+            ),
+            Panel(
+                "Limits leader",
+                "Workers reconciling the account's limits: exactly one while any runs.",
+                [("sum(seedance_limits_leader)", "leaders")],
+                extra={"options": {"reduceOptions": {"calcs": ["lastNotNull"]}}},
+                kind="stat",
             ),
         ],
     ),
