@@ -293,14 +293,16 @@ class MockState:
             wait = self._rpm[tier].check(now, minute, quota.rpm)
             if wait is not None:
                 return QuotaVerdict(f"{tier} tier rate limit of {quota.rpm} requests per minute", wait)
-        if quota.max_queued is not None:
+        if quota.max_queued is not None and quota.concurrency is not None:
             waiting = self._waiting[tier]
             while waiting and waiting[0] <= now:
                 heapq.heappop(waiting)
-            if len(waiting) >= quota.max_queued:
+            # Only a task that would have to wait for a slot needs a place in the queue.
+            busy = sum(1 for end in self._slots[tier] if end > now)
+            if busy >= quota.concurrency and len(waiting) >= quota.max_queued:
                 return QuotaVerdict(
                     f"{tier} tier queue is full: {quota.max_queued} tasks already wait for a running slot",
-                    waiting[0] - now if waiting else 1.0,
+                    min(waiting[0] if waiting else math.inf, min(self._slots[tier], default=now + 1.0)) - now,
                 )
         if quota.daily_tokens is not None:
             day_length = self.scaled(86400.0)

@@ -293,6 +293,23 @@ async def test_past_the_queue_cap_submits_get_429_until_a_task_starts(target: Ta
 
 
 @pytest.mark.mock_only
+async def test_with_no_queue_a_submit_is_accepted_only_while_a_slot_is_free(target: Target) -> None:
+    control = mock_control(target)
+    config = {
+        "quotas": {"default": {"concurrency": 2, "max_queued": 0}},
+        "time_scale": 1.0,
+        "jitter": 0,
+        "queue_seconds": {"default": 0},
+    }
+    (await control.post("/_mock/config", json=config)).raise_for_status()
+    await submit(target, body())
+    await submit(target, body())
+    assert_error(await target.api.post(SUBMIT_PATH, json=body()), 429, "RATE_LIMIT_EXCEEDED")
+    await advance(target, 29)
+    await submit(target, body())
+
+
+@pytest.mark.mock_only
 async def test_a_queued_task_past_its_window_expires_without_running(target: Target) -> None:
     control = mock_control(target)
     config = {"quotas": {"default": {"concurrency": 1}}, "time_scale": 1.0, "queue_seconds": {"default": 0}}

@@ -109,3 +109,24 @@ async def test_a_slot_that_frees_is_used_at_once_whatever_the_recount_interval(
     tasks = sorted(mock.tasks(), key=lambda t: t["submitted_at"])
     gaps = [stamp(later["submitted_at"]) - stamp(earlier["finished_at"]) for earlier, later in pairwise(tasks)]
     assert len(tasks) == 4 and all(0 <= gap < 1.0 for gap in gaps), gaps
+
+
+async def test_an_api_that_refuses_past_its_running_limit_pauses_the_tier_and_fails_nothing(
+    start_worker, bus: Bus, mock: Mock
+) -> None:
+    # This API answers 429 instead of queueing: the tasks the worker sends ahead are refused.
+    mock.config(
+        queue_seconds={"default": 0},
+        render_seconds={"default": 300},
+        quotas={"default": {"concurrency": 2, "max_queued": 0}},
+    )
+    worker = await start_worker(default_max_in_flight=2, default_queue_ahead=3)
+    ids = [f"refused-ahead-{i}" for i in range(10)]
+    await bus.publish_many([job(i, duration=4, resolution="480p") for i in ids])
+    finals = await bus.wait_terminal(ids, timeout=60)
+    assert {f["status"] for f in finals.values()} == {"succeeded"}, "a 429 fails no job"
+    throttled = [r for r in mock.submits() if r["status"] == 429]
+    assert throttled, "the API did refuse the tasks sent ahead"
+    assert await worker.sample("seedance_api_retries_total", endpoint="submit", reason="429") == len(throttled)
+    tasks = mock.tasks()
+    assert most_at_once([(stamp(t["started_at"]), stamp(t["finished_at"])) for t in tasks]) <= 2
