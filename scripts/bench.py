@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -109,9 +110,11 @@ def job(job_id: str, **request: Any) -> bytes:
 
 
 async def run_jobs(
-    amqp: str, count: int, timeout: float, prefix: str = "b", **request: Any
+    amqp: str, count: int, timeout: float, prefix: str = "b", watch: tuple[int, ...] = (), **request: Any
 ) -> tuple[float, dict[str, Any]]:
-    """Publish `count` jobs, wait for every terminal event; (seconds taken, terminal events by job)."""
+    """Publish `count` jobs, wait for every terminal event; (seconds taken, terminal events by job).
+
+    With `watch`, the CPU seconds those processes used over the same window go to `cpu_used[0]`."""
     connection = await aio_pika.connect(amqp)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -131,6 +134,7 @@ async def run_jobs(
                 finished.set()
 
         await queue.consume(on_event, no_ack=True)
+        cpu_before = sum(cpu_seconds(pid) for pid in watch)
         started = time.perf_counter()
         ids = [f"{prefix}{i}" for i in range(count)]
         for start in range(0, count, 500):
@@ -144,7 +148,12 @@ async def run_jobs(
                 )
             )
         await asyncio.wait_for(finished.wait(), timeout)
-        return time.perf_counter() - started, done
+        seconds = time.perf_counter() - started
+        cpu_used[0] = sum(cpu_seconds(pid) for pid in watch) - cpu_before
+        return seconds, done
+
+
+cpu_used = [0.0]
 
 
 def unlimited(mock_url: str) -> None:
@@ -154,30 +163,61 @@ def unlimited(mock_url: str) -> None:
     httpx.post(f"{mock_url}/_mock/config", json=config).raise_for_status()
 
 
+# The worker as the peer runs: no quotas (the peer has none), instant tasks, one job = one submit, one poll
+# and one terminal event.
+FAST_WORKER: dict[str, Any] = {
+    "poll_scale": 0.00001,
+    "tracking_delays_ms": "10,50,100",
+    "default_rpm": "",
+    "default_max_in_flight": "",
+    "default_prefetch": 64,
+    "tracking_prefetch": 64,
+}
+PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "celery" / "run.sh"
+
+
 def throughput(runs: int, count: int) -> None:
+    """Jobs per second and CPU per job through one worker process, next to the Celery peer doing the same
+    job in the same run (interleaved rounds: the machine is shared and noisy); then two worker processes."""
     mock = start_mock(time_scale=0.00001, api_key=KEY, seed=1)
     try:
-        rates = []
+        mine: list[tuple[float, float]] = []
+        peer: list[tuple[float, float]] = []
+        pair: list[float] = []
         for _ in range(runs):
             unlimited(mock.url)
-            with (
-                vhost() as amqp,
-                worker(
-                    amqp,
-                    mock.url,
-                    poll_scale=0.00001,
-                    tracking_delays_ms="10,50,100",
-                    default_max_in_flight=10000,
-                    default_rpm=1000000,
-                    default_prefetch=64,
-                    tracking_prefetch=64,
-                ),
-            ):
-                seconds, done = asyncio.run(run_jobs(amqp, count, 600))
+            with vhost() as amqp, worker(amqp, mock.url, **FAST_WORKER) as (proc, _):
+                seconds, done = asyncio.run(run_jobs(amqp, count, 600, watch=(proc.pid,)))
             assert all(e["status"] == "succeeded" for e in done.values())
-            rates.append(count / seconds)
-        shown = ", ".join(f"{r:.0f}" for r in rates)
-        print(f"throughput: {count} jobs, instant tasks: runs {shown} jobs/s, median {statistics.median(rates):.0f}")
+            mine.append((count / seconds, cpu_used[0] / count * 1000))
+            if PEER.exists():
+                with vhost() as amqp:
+                    out = subprocess.run([str(PEER), amqp, str(count)], capture_output=True, text=True, check=True)
+                line = json.loads(out.stdout.splitlines()[-1])
+                peer.append((line["jobs_per_s"], line["cpu_ms_per_job"]))
+            unlimited(mock.url)
+            with vhost() as amqp, contextlib.ExitStack() as stack:
+                for _ in range(2):
+                    stack.enter_context(worker(amqp, mock.url, **FAST_WORKER))
+                seconds, done = asyncio.run(run_jobs(amqp, count, 600, prefix="p"))
+            pair.append(count / seconds)
+
+        def shown(figures: list[tuple[float, float]]) -> str:
+            rates = ", ".join(f"{r:.0f}" for r, _ in figures)
+            cpus = ", ".join(f"{c:.2f}" for _, c in figures)
+            return (
+                f"{statistics.median(r for r, _ in figures):.0f} jobs/s ({rates}), "
+                f"{statistics.median(c for _, c in figures):.2f} CPU-ms/job ({cpus})"
+            )
+
+        print(f"throughput: {count} instant jobs per run, medians of {runs} interleaved runs")
+        print(f"  worker, one process:          {shown(mine)}")
+        if peer:
+            print(f"  Celery prefork peer (-c 4):   {shown(peer)}")
+        else:
+            print(f"  Celery prefork peer: not found at {PEER}")
+        pairs = ", ".join(f"{r:.0f}" for r in pair)
+        print(f"  worker, two processes:        {statistics.median(pair):.0f} jobs/s ({pairs})")
     finally:
         mock.stop()
 
@@ -444,7 +484,7 @@ def peak_rss_mib(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
     parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account"])

@@ -30,6 +30,7 @@ from worker.service import Service
 from worker.settings import Settings, describe, unknown_variables
 from worker.stopping import Stopping
 from worker.storage import VideoStore
+from worker.transport import AiohttpTransport
 
 log = logging.getLogger("worker")
 
@@ -84,6 +85,7 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
             httpx.AsyncClient(
                 base_url=settings.api_base_url,
                 timeout=timeout,
+                transport=AiohttpTransport(max_connections=64) if settings.http_transport == "aiohttp" else None,
                 # httpcore checks every pooled connection on each request: a small pool is cheaper per call.
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
                 headers={"User-Agent": "seedance-worker"},
