@@ -65,10 +65,12 @@ def worker(
         "SEEDANCE_API_KEY": KEY,
         "SEEDANCE_METRICS_PORT": str(port),
         "SEEDANCE_METRICS_HOST": "127.0.0.1",
-        "SEEDANCE_LOG_LEVEL": settings.pop("log_level", "WARNING"),
+        "SEEDANCE_LOG_LEVEL": settings.pop("log_level", "INFO"),  # the default: its cost is part of the job
     }
     env.update({f"SEEDANCE_{k.upper()}": str(v) for k, v in settings.items()})
-    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         for _ in range(200):
             try:
@@ -176,9 +178,10 @@ FAST_WORKER: dict[str, Any] = {
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "celery" / "run.sh"
 
 
-def throughput(runs: int, count: int) -> None:
+def throughput(runs: int, count: int, *, alone: bool = False) -> None:
     """Jobs per second and CPU per job through one worker process, next to the Celery peer doing the same
-    job in the same run (interleaved rounds: the machine is shared and noisy); then two worker processes."""
+    job in the same run (interleaved rounds: the machine is shared and noisy); then two worker processes.
+    `alone`: the one worker process only (to compare two versions of the worker quickly)."""
     mock = start_mock(time_scale=0.00001, api_key=KEY, seed=1)
     try:
         mine: list[tuple[float, float]] = []
@@ -190,6 +193,8 @@ def throughput(runs: int, count: int) -> None:
                 seconds, done = asyncio.run(run_jobs(amqp, count, 600, watch=(proc.pid,)))
             assert all(e["status"] == "succeeded" for e in done.values())
             mine.append((count / seconds, cpu_used[0] / count * 1000))
+            if alone:
+                continue
             if PEER.exists():
                 with vhost() as amqp:
                     out = subprocess.run([str(PEER), amqp, str(count)], capture_output=True, text=True, check=True)
@@ -212,6 +217,8 @@ def throughput(runs: int, count: int) -> None:
 
         print(f"throughput: {count} instant jobs per run, medians of {runs} interleaved runs")
         print(f"  worker, one process:          {shown(mine)}")
+        if alone:
+            return
         if peer:
             print(f"  Celery prefork peer (-c 4):   {shown(peer)}")
         else:
@@ -488,9 +495,10 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
     parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account"])
+    parser.add_argument("--alone", action="store_true", help="throughput: the one worker process only")
     args = parser.parse_args()
     if args.only in (None, "throughput"):
-        throughput(args.runs, args.jobs)
+        throughput(args.runs, args.jobs, alone=args.alone)
     if args.only in (None, "latency"):
         latency(args.runs, min(args.jobs, 200), args.scale)
     if args.only in (None, "memory"):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from contracts.api import ServiceTier
-from contracts.messages import DEAD_LETTER_QUEUE, TIERS
+from contracts.messages import DEAD_LETTER_QUEUE, TERMINAL_STATUSES, TIERS
 from worker import topology
 from worker.errors import InvalidJob
 from worker.handler import Defer, Delivery, Finish, JobHandler, Outcome, Reject, Track
@@ -39,6 +40,7 @@ class Consumer:
         # The delivery tasks in hand, so shutdown can wait for them (and cancel them past its timeout).
         self._handling: set[asyncio.Task[Any]] = set()
         self._tracking_in_hand: dict[ServiceTier, int] = dict.fromkeys(TIERS, 0)
+        self._counts: Counter[str] = Counter()
 
     def tracking_in_hand(self, tier: ServiceTier) -> int:
         """Tracking deliveries of the tier this replica holds now (the broker's count misses them)."""
@@ -48,8 +50,17 @@ class Consumer:
     def busy(self) -> int:
         return len(self._handling)
 
+    def summary(self) -> str | None:
+        """What happened since the last summary, in one line (None when nothing did); counts start again."""
+        counts, self._counts = self._counts, Counter()
+        if not counts:
+            return None
+        ended = ", ".join(f"{counts[s]} {s}" for s in TERMINAL_STATUSES)
+        return f"{counts['received']} jobs received, {counts['submitted']} submitted, {ended}"
+
     async def on_job(self, tier: ServiceTier, message: Received) -> None:
         with self._in_hand():
+            self._counts["received"] += 1
             self._metrics.jobs_received.labels(tier).inc()
             try:
                 outcome = await self._handler.handle_job(_delivery(message, tier))
@@ -123,7 +134,8 @@ class Consumer:
                 self._metrics.events_published.labels(event.status).inc()
             if outcome.submitted and state.submitted_at is not None:
                 self._metrics.submit_window.observe((datetime.now(UTC) - state.submitted_at).total_seconds())
-                log.info("submitted", extra=_ids(state))
+                log.debug("submitted", extra=_ids(state))
+            self._counts["submitted"] += outcome.submitted
         elif isinstance(outcome, Finish):
             state, event = outcome.state, outcome.event
             await publisher.event(event, state.reply_to, state.correlation_id)
@@ -152,6 +164,7 @@ class Consumer:
             await self._publisher.event(outcome.event, message.reply_to, message.correlation_id)
             self._metrics.events_published.labels("rejected").inc()
         await message.ack()
+        self._counts["rejected"] += 1
         self._metrics.jobs_rejected.labels(error.reason).inc()
         self._metrics.jobs_completed.labels(tier, "rejected").inc()
         log.warning("dead-lettered a message: %s", error.reason, extra={"job_id": error.job_id or ""})
@@ -174,7 +187,10 @@ class Consumer:
                 metrics.video_stored_bytes.labels(state.tier).inc(event.stored_video.bytes)
             elif event.storage_error is not None:
                 metrics.videos_stored.labels(state.tier, "failed").inc()
-        level = logging.INFO if event.status == "succeeded" and not event.storage_error else logging.WARNING
+        self._counts[event.status] += 1
+        # Successes are counted in the periodic summary (a line per job costs as much as the job's own work);
+        # every job that did not end well gets a line of its own.
+        level = logging.DEBUG if event.status == "succeeded" and not event.storage_error else logging.WARNING
         problem = event.error or event.storage_error
         code = problem.code if problem else ""
         log.log(level, "job %s %s", event.status, code, extra=_ids(state))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,8 @@ from worker.settings import Settings
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
+
+SUMMARY_SECONDS = 60.0
 
 
 def broker_error(exc: BaseException, vhost: str) -> str:
@@ -103,7 +106,7 @@ class Service:
             self.declared = True
             log.info("worker started", extra={"tiers": "default,flex"})
             intake = asyncio.create_task(self._intake.run(connection, consumer))
-            ready = asyncio.create_task(self._report_readiness())
+            ready = asyncio.create_task(self._report(consumer))
             await self._stopping.wait()
             await self._intake.close()
             await consumer.drain(self._settings.drain_timeout_seconds)
@@ -115,9 +118,16 @@ class Service:
             self._metrics.worker_ready.set(0)
             await connection.close()
 
-    async def _report_readiness(self) -> None:
+    async def _report(self, consumer: Consumer) -> None:
+        """Keep the readiness gauge current, and log a summary of the work done every SUMMARY_SECONDS."""
+        last = time.monotonic()
         while True:
             self.readiness()
+            if time.monotonic() - last >= SUMMARY_SECONDS:
+                last = time.monotonic()
+                line = consumer.summary()
+                if line is not None:
+                    log.info("last %.0f s: %s", SUMMARY_SECONDS, line)
             await asyncio.sleep(self._settings.in_flight_refresh_seconds)
 
     async def _connect(self) -> AbstractRobustConnection | None:

@@ -182,7 +182,7 @@ def test_the_cli_cannot_reach_a_broker_in_one_line() -> None:
 async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
     spawn_worker, bus: Bus, mock: Mock, vhost: str
 ) -> None:
-    worker = spawn_worker()
+    worker = spawn_worker(log_level="DEBUG")  # per-job lines are at debug; INFO has a summary a minute
     await asyncio.to_thread(wait_ready, worker)
     env = worker_env(vhost, mock.url)
     follower = await asyncio.create_subprocess_exec(

@@ -268,3 +268,17 @@ async def test_tracking_deliveries_in_hand_are_counted_while_handled(rig: Rig) -
 def test_the_rejected_event_carries_only_what_is_known() -> None:
     event = events.rejected("bad-2", events.error("INVALID_JOB", "x"), NOW)
     assert json.loads(event.model_dump_json())["task_id"] is None
+
+
+async def test_the_summary_counts_what_happened_since_the_last_one(rig: Rig) -> None:
+    rig.publisher.confirm.set()
+    assert rig.consumer.summary() is None, "nothing happened yet"
+    submitted = state()
+    rig.handler.outcome = Track(submitted, 5.0, (events.event(submitted, "submitted", NOW),), submitted=True)
+    await rig.consumer.on_job("default", rig.message())
+    rig.handler.outcome = Reject(InvalidJob("schema", "bad"), None)
+    await rig.consumer.on_job("default", rig.message())
+    rig.handler.outcome = Finish(state(), events.event(state(), "succeeded", NOW))
+    await rig.consumer.on_tracking("default", rig.message(body=state().model_dump_json().encode()))
+    assert rig.consumer.summary() == ("2 jobs received, 1 submitted, 1 succeeded, 0 failed, 0 expired, 1 rejected")
+    assert rig.consumer.summary() is None, "counts start again"
