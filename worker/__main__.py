@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -142,6 +143,16 @@ async def _main(settings: Settings) -> None:
     await serve(settings, stopping)
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (less CPU per I/O event: the worker is all I/O events),
+    else asyncio's own."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> None:
     build_parser().parse_args(argv)
     try:
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if settings.read_api_key() is None:
         log.warning("no API key configured (SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE): not ready until one is")
     try:
-        asyncio.run(_main(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_main(settings))
     except OSError as exc:
         sys.exit(f"seedance-worker: {exc.strerror or exc}")
     except StorageError as exc:
