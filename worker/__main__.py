@@ -82,17 +82,13 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
         )
     timeout = httpx.Timeout(settings.api_timeout_seconds, connect=min(10.0, settings.api_timeout_seconds))
     async with contextlib.AsyncExitStack() as stack:
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                base_url=settings.api_base_url,
-                timeout=timeout,
-                transport=AiohttpTransport(max_connections=64) if settings.http_transport == "aiohttp" else None,
-                # httpcore checks every pooled connection on each request: a small pool is cheaper per call.
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-                headers={"User-Agent": "seedance-worker"},
-            )
-        )
-        api = ApiClient(http, settings.read_api_key, metrics)
+        if settings.http_transport == "aiohttp":
+            transport: httpx.AsyncBaseTransport = AiohttpTransport(max_connections=64)
+        else:
+            # httpcore checks every pooled connection on each request: a small pool is cheaper per call.
+            transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        api = ApiClient(transport, settings.api_base_url, settings.read_api_key, metrics, timeout=timeout)
+        stack.push_async_callback(api.aclose)
         retry_max = settings.auth_retry_max_seconds
         api_access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=retry_max)
         stack.push_async_callback(api_access.close)

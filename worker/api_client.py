@@ -9,7 +9,7 @@ import email.utils
 import time
 from collections.abc import Callable
 from datetime import UTC
-from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
@@ -27,6 +27,8 @@ from worker.errors import (
 from worker.metrics import Metrics
 
 MAX_MESSAGE = 500
+USER_AGENT = "seedance-worker"
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -69,17 +71,37 @@ def error_from_response(endpoint: str, response: httpx.Response) -> ApiError:
 
 
 class ApiClient:
-    """Calls the two endpoints with the current key. `api_key` is asked on every call, so a rotated key
-    file takes effect without a restart."""
+    """Calls the two endpoints with the current key, over an httpx transport (worker.transport's aiohttp
+    one, httpx's own, or a test's: `mock_server.testing.InProcessTransport`, respx).
 
-    def __init__(self, client: httpx.AsyncClient, api_key: Callable[[], str | None], metrics: Metrics) -> None:
-        self._client = client
+    Requests go straight to the transport as `httpx.Request`s: an `httpx.AsyncClient` around it would add
+    URL merging, cookie handling and redirect logic the API never needs, and a third of the worker's CPU
+    per request. `api_key` is asked on every call, so a rotated key file takes effect without a restart.
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        base_url: str,
+        api_key: Callable[[], str | None],
+        metrics: Metrics,
+        *,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._transport = transport
+        base = httpx.URL(base_url)
+        self._submit_url = base.join(SUBMIT_PATH)
+        self._result_url = str(base.join(TASK_RESULT_PATH))
         self._api_key = api_key
         self._metrics = metrics
+        self._extensions = {"timeout": timeout.as_dict()}
+        self._requests = {e: metrics.api_requests.labels(e, "200") for e in ("submit", "task-result")}
+        self._durations = {e: metrics.api_duration.labels(e) for e in ("submit", "task-result")}
 
     async def submit(self, request: SubmitRequest) -> str:
         """Submit one task and return its id."""
-        response = await self._send("submit", "POST", SUBMIT_PATH, json=request.wire())
+        body = request.model_dump_json(exclude_none=True).encode()
+        response = await self._send("submit", "POST", self._submit_url, body)
         try:
             return SubmitResponse.model_validate_json(response.content).task_id
         except ValidationError:
@@ -87,7 +109,8 @@ class ApiClient:
             raise AnswerLost("submit", "answer is not a task id", reason="malformed") from None
 
     async def task_result(self, task_id: str) -> TaskResult:
-        response = await self._send("task-result", "GET", TASK_RESULT_PATH, params={"task_id": task_id})
+        url = httpx.URL(f"{self._result_url}?task_id={quote(task_id, safe='')}")  # cheaper than copy_with
+        response = await self._send("task-result", "GET", url)
         try:
             return TaskResult.model_validate_json(response.content)
         except ValidationError:
@@ -100,18 +123,28 @@ class ApiClient:
         billed); a bad key 401/403, a missing model 404.
         """
         try:
-            await self._send("submit", "POST", SUBMIT_PATH, json={})
+            await self._send("submit", "POST", self._submit_url, b"{}")
         except PermanentApiError:
             return
 
-    async def _send(self, endpoint: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def _send(self, endpoint: str, method: str, url: httpx.URL, body: bytes | None = None) -> httpx.Response:
         key = self._api_key()
         if not key:
             raise ConfigurationFault(endpoint, "no API key configured", reason="NO_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"}
+        headers = {"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = httpx.Request(method, url, headers=headers, content=body, extensions=self._extensions)
         started = time.perf_counter()
         try:
-            response = await self._client.request(method, path, headers=headers, **kwargs)
+            response = await self._transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout) as exc:
             # Never sent whole: the API cannot have acted on it.
             self._observe(endpoint, "timeout", started)
@@ -128,9 +161,11 @@ class ApiClient:
             # Read, protocol and decoding errors: the connection failed after the request went out.
             self._observe(endpoint, "transport", started)
             raise AnswerLost(endpoint, f"answer lost ({type(exc).__name__})", reason="transport") from None
-        self._observe(endpoint, str(response.status_code), started)
         if response.status_code != 200:
+            self._observe(endpoint, str(response.status_code), started)
             raise error_from_response(endpoint, response)
+        self._requests[endpoint].inc()
+        self._durations[endpoint].observe(time.perf_counter() - started)
         return response
 
     def _observe(self, endpoint: str, code: str, started: float) -> None:

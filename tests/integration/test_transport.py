@@ -55,7 +55,9 @@ async def client(transport_kind: str, server: MockThread) -> AsyncIterator[httpx
 
 
 def api(http: httpx.AsyncClient, key: str = "key") -> ApiClient:
-    return ApiClient(http, lambda: key, Metrics(CollectorRegistry()))
+    """The API client over the same transport as `http` (whose own requests set up the mock)."""
+    timeout = httpx.Timeout(0.5)
+    return ApiClient(http._transport, str(http.base_url), lambda: key, Metrics(CollectorRegistry()), timeout=timeout)
 
 
 def faults(server: MockThread, **values: Any) -> None:

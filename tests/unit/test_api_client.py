@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -25,14 +23,15 @@ def app() -> MockApp:
 
 
 @pytest.fixture
-async def client(app: MockApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://mock", timeout=1) as http:
-        yield http
+def client(app: MockApp) -> httpx.AsyncBaseTransport:
+    return InProcessTransport(app)
 
 
-def api(client: httpx.AsyncClient, key: str | None = "right") -> tuple[ApiClient, Metrics]:
+def api(
+    transport: httpx.AsyncBaseTransport, key: str | None = "right", base_url: str = "http://mock"
+) -> tuple[ApiClient, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    return ApiClient(client, lambda: key, metrics), metrics
+    return ApiClient(transport, base_url, lambda: key, metrics, timeout=httpx.Timeout(1.0)), metrics
 
 
 def fault(app: MockApp, **faults: object) -> None:
@@ -41,7 +40,7 @@ def fault(app: MockApp, **faults: object) -> None:
     app.state.set_faults(Faults.model_validate(faults))
 
 
-async def test_a_submit_returns_the_task_id_and_is_counted(client: httpx.AsyncClient, app: MockApp) -> None:
+async def test_a_submit_returns_the_task_id_and_is_counted(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
     caller, metrics = api(client)
     task_id = await caller.submit(REQUEST)
     assert task_id in app.state.tasks
@@ -52,7 +51,7 @@ async def test_a_submit_returns_the_task_id_and_is_counted(client: httpx.AsyncCl
 
 @pytest.mark.parametrize(("key", "status"), [(None, None), ("wrong", 403)])
 async def test_a_missing_or_wrong_key_is_a_configuration_fault(
-    client: httpx.AsyncClient, key: str | None, status: int | None
+    client: httpx.AsyncBaseTransport, key: str | None, status: int | None
 ) -> None:
     caller, _ = api(client, key)
     with pytest.raises(ConfigurationFault) as caught:
@@ -61,7 +60,7 @@ async def test_a_missing_or_wrong_key_is_a_configuration_fault(
     assert "wrong" not in str(caught.value), "the key never appears in an error"
 
 
-async def test_an_account_fault_is_a_configuration_fault(client: httpx.AsyncClient, app: MockApp) -> None:
+async def test_an_account_fault_is_a_configuration_fault(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
     fault(app, auth={"status": 403, "reason": "NOT_ENOUGH_BALANCE", "message": "top up"})
     with pytest.raises(ConfigurationFault, match="NOT_ENOUGH_BALANCE"):
         await api(client)[0].task_result("x")
@@ -77,12 +76,12 @@ async def test_a_missing_model_is_a_configuration_fault(app: MockApp) -> None:
     assert error.reason == "MODEL_NOT_FOUND"
 
 
-async def test_an_unknown_task_is_task_not_found(client: httpx.AsyncClient) -> None:
+async def test_an_unknown_task_is_task_not_found(client: httpx.AsyncBaseTransport) -> None:
     with pytest.raises(TaskNotFound):
         await api(client)[0].task_result("no-such-task")
 
 
-async def test_a_400_is_permanent_and_carries_the_apis_message(client: httpx.AsyncClient, app: MockApp) -> None:
+async def test_a_400_is_permanent_and_carries_the_apis_message(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
     fault(app, status_rates={"400": 1.0})
     with pytest.raises(PermanentApiError) as caught:
         await api(client)[0].submit(REQUEST)
@@ -91,7 +90,7 @@ async def test_a_400_is_permanent_and_carries_the_apis_message(client: httpx.Asy
     assert "injected 400" in caught.value.message
 
 
-async def test_a_429_is_rate_limited_with_its_retry_after(client: httpx.AsyncClient, app: MockApp) -> None:
+async def test_a_429_is_rate_limited_with_its_retry_after(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
     fault(app, status_rates={"429": 1.0}, retry_after=7)
     with pytest.raises(RateLimited) as caught:
         await api(client)[0].submit(REQUEST)
@@ -109,7 +108,7 @@ async def test_a_429_is_rate_limited_with_its_retry_after(client: httpx.AsyncCli
     ],
 )
 async def test_server_and_transport_faults_are_transient(
-    client: httpx.AsyncClient, app: MockApp, faults: dict[str, object], label: str
+    client: httpx.AsyncBaseTransport, app: MockApp, faults: dict[str, object], label: str
 ) -> None:
     fault(app, **faults)
     caller, metrics = api(client)
@@ -119,7 +118,7 @@ async def test_server_and_transport_faults_are_transient(
     assert sum(s.value for m in metrics.api_requests.collect() for s in m.samples) == 1
 
 
-async def test_the_access_check_passes_on_a_good_key_and_fails_on_a_bad_one(client: httpx.AsyncClient) -> None:
+async def test_the_access_check_passes_on_a_good_key_and_fails_on_a_bad_one(client: httpx.AsyncBaseTransport) -> None:
     await api(client)[0].check_access()
     with pytest.raises(ConfigurationFault):
         await api(client, "wrong")[0].check_access()
@@ -143,9 +142,9 @@ async def test_the_mock_mounts_under_respx_at_the_real_base_url() -> None:
     base = Settings().api_base_url
     with respx.mock(assert_all_called=True) as router:
         route = mount_respx(router, app, base)
-        async with httpx.AsyncClient(base_url=base) as http:
-            caller, _ = api(http)
-            task_id = await caller.submit(REQUEST)
-            assert (await caller.task_result(task_id)).task.task_id == task_id
+        caller, _ = api(httpx.AsyncHTTPTransport(), base_url=base)
+        task_id = await caller.submit(REQUEST)
+        assert (await caller.task_result(task_id)).task.task_id == task_id
+        await caller.aclose()
     assert route.call_count == 2
     assert [r.endpoint for r in app.state.journal] == ["submit", "task-result"]

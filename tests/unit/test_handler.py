@@ -66,16 +66,15 @@ async def env() -> AsyncIterator[Env]:
         in_flight_refresh_seconds=0.01,
         progress_interval_seconds=0,
     )
-    async with httpx.AsyncClient(transport=InProcessTransport(app), base_url="http://mock", timeout=2) as http:
-        metrics = Metrics(CollectorRegistry())
-        limits: dict[ServiceTier, TierLimits] = {t: TierLimits(t, Settings().tiers[t]) for t in ("default", "flex")}
-        stopping = Stopping()
-        api = ApiClient(http, lambda: "k", metrics)
-        access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=0.01)
-        handler = JobHandler(settings, api, limits, access, metrics, stopping)
-        yield Env(app, handler, limits, access, metrics)
-        stopping.set()
-        await access.close()
+    metrics = Metrics(CollectorRegistry())
+    limits: dict[ServiceTier, TierLimits] = {t: TierLimits(t, Settings().tiers[t]) for t in ("default", "flex")}
+    stopping = Stopping()
+    api = ApiClient(InProcessTransport(app), "http://mock", lambda: "k", metrics, timeout=httpx.Timeout(2.0))
+    access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=0.01)
+    handler = JobHandler(settings, api, limits, access, metrics, stopping)
+    yield Env(app, handler, limits, access, metrics)
+    stopping.set()
+    await access.close()
 
 
 async def until_finished(env: Env, outcome: Track | Finish | Defer | Reject) -> Finish:
