@@ -11,3 +11,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("SEEDANCE_"):
             monkeypatch.delenv(name)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Tests marked `both_loops` run on asyncio's event loop and on uvloop's (the worker's)."""
+    import asyncio  # noqa: PLC0415
+
+    if item.get_closest_marker("both_loops") is None:
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop  # noqa: PLC0415
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -31,7 +31,7 @@ from worker.service import Service
 from worker.settings import Settings, describe, unknown_variables
 from worker.stopping import Stopping
 from worker.storage import VideoStore
-from worker.transport import AiohttpTransport
+from worker.transport import Http11Transport
 
 log = logging.getLogger("worker")
 
@@ -82,8 +82,8 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
         )
     timeout = httpx.Timeout(settings.api_timeout_seconds, connect=min(10.0, settings.api_timeout_seconds))
     async with contextlib.AsyncExitStack() as stack:
-        if settings.http_transport == "aiohttp":
-            transport: httpx.AsyncBaseTransport = AiohttpTransport(max_connections=64)
+        if settings.http_transport == "http11":
+            transport: httpx.AsyncBaseTransport = Http11Transport(max_connections=64)
         else:
             # httpcore checks every pooled connection on each request: a small pool is cheaper per call.
             transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))

@@ -59,9 +59,10 @@ class Settings(BaseSettings):
 
     # The API
     api_timeout_seconds: float = Field(default=30.0, gt=0, description="Per-request timeout for API calls.")
-    http_transport: Literal["aiohttp", "httpx"] = Field(
-        default="aiohttp",
-        description="What carries the API's requests under httpx: aiohttp (less CPU per request) or httpx's own.",
+    http_transport: Literal["http11", "httpx"] = Field(
+        default="http11",
+        description="What carries the API's requests under httpx: http11 (worker/transport.py, a fraction of "
+        "the CPU per request) or httpx's own transport.",
     )
     submit_max_attempts: int = Field(
         default=8,

@@ -1,5 +1,5 @@
-"""The API client over a real socket to the mock, on both transports (aiohttp, the default, and httpx's
-own, the fallback): every fault the mock can inject maps onto the same worker error either way."""
+"""The API client over a real socket to the mock, on both transports (worker.transport's, the default, and
+httpx's own, the fallback): every fault the mock can inject maps onto the same worker error either way."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from worker.errors import (
     TransientApiError,
 )
 from worker.metrics import Metrics
-from worker.transport import AiohttpTransport
+from worker.transport import Http11Transport
 
-pytestmark = [pytest.mark.server]
+pytestmark = [pytest.mark.server, pytest.mark.both_loops]  # the worker runs on uvloop
+
+
 REQUEST = SubmitRequest(image="https://example.com/a.png", prompt="boat")
 
 
@@ -37,13 +39,13 @@ def server() -> Iterator[MockThread]:
     mock.stop()
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["http11", "httpx"])
 def transport_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 def make_client(kind: str, base_url: str) -> httpx.AsyncClient:
-    transport = AiohttpTransport() if kind == "aiohttp" else None
+    transport = Http11Transport() if kind == "http11" else None
     return httpx.AsyncClient(base_url=base_url, timeout=0.5, transport=transport)
 
 
