@@ -234,6 +234,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
             except _Broken as exc:
                 connection.close()
                 raise httpx.RemoteProtocolError(str(exc), request=request) from None
+            except BaseException:  # cancelled mid-answer: the connection's state is unknown
+                connection.close()
+                raise
             if keep_alive and not connection.closed:
                 connection.idle_since = time.monotonic()
                 self._idle[origin].append(connection)
