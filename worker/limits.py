@@ -34,8 +34,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -127,6 +126,26 @@ class Slot:
         self.kept = True
 
 
+class _Taking:
+    """The async context manager of `TierLimits.slot` (a class: a generator-based one costs more per job)."""
+
+    __slots__ = ("_holds", "_limits", "_slot", "_tokens")
+
+    def __init__(self, limits: TierLimits, tokens: int) -> None:
+        self._limits = limits
+        self._tokens = tokens
+        self._slot = Slot()
+        self._holds = False
+
+    async def __aenter__(self) -> Slot:
+        self._holds = await self._limits._take_all(self._tokens)
+        return self._slot
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._holds and not self._slot.kept:
+            await self._limits.task_ended()
+
+
 class TierLimits:
     """One tier's quotas. Without `attach`, and for quotas left unset, nothing is limited."""
 
@@ -189,40 +208,42 @@ class TierLimits:
         """Nobody in this replica tries `limit` for `seconds` (the API said 429, or a permit was refused)."""
         self._blocked[limit] = max(self._blocked.get(limit, 0.0), self._clock() + seconds)
 
-    @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[Slot]:
-        """Take the permits of one submit of `tokens` tokens, or raise LimitReached (nothing taken then).
+    def slot(self, tokens: int) -> _Taking:
+        """`async with limits.slot(tokens) as slot:` takes the permits of one submit of `tokens` tokens, or
+        raises LimitReached (nothing taken then).
 
-        The running slot is given back when the block ends, unless `keep()` was called: then the task holds
-        it until `task_ended()`.
+        The running slot is given back when the block ends, unless `slot.keep()` was called: then the task
+        holds it until `task_ended()`.
         """
+        return _Taking(self, tokens)
+
+    async def _take_all(self, tokens: int) -> bool:
+        """Take a submit's permits; True when a running slot was among them. LimitReached when one is full."""
         wait = self.wait_time()
         if wait > 0:
             limit = max(self._blocked, key=lambda name: self._blocked[name])
             raise LimitReached(limit, wait)
-        taken = Slot()
         permits = self._permits
+        if permits is None:
+            return False
         holds = False
-        if permits is not None and self.capacity is not None:
+        if self.capacity is not None:
             if not await self._take(permits, self.slots_queue):
                 self._refused("running slots", PROBE_SECONDS)
             holds = True
         try:
-            if (
-                permits is not None
-                and self.rpm is not None
-                and not await self._take(permits, self.rpm_queue, persistent=False)
-            ):
+            if self.rpm is not None and not await self._take(permits, self.rpm_queue, persistent=False):
                 self._refused("requests per minute", max(PROBE_SECONDS, min(1.0, self._minute / self.rpm)))
-            if permits is not None and self.daily_tokens is not None:
+            if self.daily_tokens is not None:
                 queue = await self._todays_tokens(permits)
                 body = b"\0" * math.ceil(tokens / token_unit(self.daily_tokens))
                 if not await self._take(permits, queue, body):
                     self._refused("tokens per day", min(60.0, self._seconds_to_midnight()))
-            yield taken
-        finally:
-            if holds and not taken.kept:
+        except BaseException:
+            if holds:
                 await self._give_back()
+            raise
+        return holds
 
     async def task_ended(self) -> None:
         """A task that held a running slot ended (or left for the copy stage): free its slot for another."""

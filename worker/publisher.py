@@ -111,14 +111,13 @@ class Publisher:
         )
         channel = await self._channel.get_underlay_channel()
         # Nobody may be bound to seedance.events yet: that is the subscribers' business, not an error.
-        sends = [
-            channel.basic_publish(
-                body, exchange=EVENTS_EXCHANGE, routing_key=f"job.{event.status}", properties=properties
-            )
-        ]
+        to_events = channel.basic_publish(
+            body, exchange=EVENTS_EXCHANGE, routing_key=f"job.{event.status}", properties=properties
+        )
         if event.terminal and reply_to:
-            sends.append(channel.basic_publish(body, routing_key=reply_to, properties=properties))
-        await asyncio.gather(*sends)
+            await asyncio.gather(to_events, channel.basic_publish(body, routing_key=reply_to, properties=properties))
+        else:
+            await to_events
 
     async def republish(
         self, message: Received, queue: str, headers: Mapping[str, Any], timestamp: datetime | None

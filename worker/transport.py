@@ -217,11 +217,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
         lines = [request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
         lines += [name + b": " + value + b"\r\n" for name, value in request.headers.raw]
         head = b"".join(lines) + b"\r\n"
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no connection free in time", request=request) from None
+        if self._slots.locked():  # only then can acquiring wait, and need a timeout
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout("no connection free in time", request=request) from None
+        else:
+            await self._slots.acquire()
         try:
             connection = self._reuse(origin) or await self._connect(origin, request, within=timeouts.get("connect"))
             answer = connection.send(head, body, no_body=request.method == "HEAD")

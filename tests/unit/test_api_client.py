@@ -115,7 +115,7 @@ async def test_server_and_transport_faults_are_transient(
     with pytest.raises(TransientApiError) as caught:
         await caller.submit(REQUEST)
     assert caught.value.label == label
-    assert sum(s.value for m in metrics.api_requests.collect() for s in m.samples) == 1
+    assert sum(s.value for m in metrics.api_requests.metric.collect() for s in m.samples) == 1
 
 
 async def test_the_access_check_passes_on_a_good_key_and_fails_on_a_bad_one(client: httpx.AsyncBaseTransport) -> None:
