@@ -72,13 +72,25 @@ class _Connection(asyncio.Protocol):
 
     # requests
     def send(
-        self, head: bytes, body: bytes, *, no_body: bool
+        self, head: bytes, body: bytes, *, no_body: bool, read_timeout: float | None
     ) -> asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes, bool]]:
+        """Write a request; the future resolves to (status, headers, body, keep-alive) or raises _Broken, or
+        TimeoutError after `read_timeout` seconds without a whole answer."""
         assert self.transport is not None  # noqa: S101 - called once connected
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
         self._no_body = no_body
+        if read_timeout is not None:
+            # A timer on the loop costs less than an asyncio.timeout() scope around the await.
+            timer = loop.call_later(read_timeout, self._late, waiter)
+            waiter.add_done_callback(lambda _: timer.cancel())
         self.transport.write(head + body if body else head)
-        return self._waiter
+        return waiter
+
+    @staticmethod
+    def _late(waiter: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes, bool]]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def close(self) -> None:
         self.closed = True
@@ -227,10 +239,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
             await self._slots.acquire()
         try:
             connection = self._reuse(origin) or await self._connect(origin, request, within=timeouts.get("connect"))
-            answer = connection.send(head, body, no_body=request.method == "HEAD")
+            answer = connection.send(head, body, no_body=request.method == "HEAD", read_timeout=timeouts.get("read"))
             try:
-                async with asyncio.timeout(timeouts.get("read")):
-                    status, headers, content, keep_alive = await answer
+                status, headers, content, keep_alive = await answer
             except TimeoutError:
                 connection.close()
                 raise httpx.ReadTimeout("no answer in time", request=request) from None
