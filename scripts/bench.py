@@ -285,7 +285,7 @@ def memory(in_flight: int) -> None:
         httpx.post(f"{mock.url}/_mock/faults", json={"outcomes": [{"outcome": "hang", "prompt_contains": "boat"}]})
         with (
             vhost() as amqp,
-            worker(amqp, mock.url, default_max_in_flight=in_flight * 2, default_rpm=1000000, default_prefetch=64) as (
+            worker(amqp, mock.url, default_max_in_flight="", default_rpm="", default_prefetch=64) as (
                 proc,
                 _,
             ),
