@@ -134,7 +134,8 @@ class Consumer:
                 self._metrics.events_published.labels(event.status).inc()
             if outcome.submitted and state.submitted_at is not None:
                 self._metrics.submit_window.observe((datetime.now(UTC) - state.submitted_at).total_seconds())
-                log.debug("submitted", extra=_ids(state))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("submitted", extra=_ids(state))
             self._counts["submitted"] += outcome.submitted
         elif isinstance(outcome, Finish):
             state, event = outcome.state, outcome.event
@@ -191,9 +192,9 @@ class Consumer:
         # Successes are counted in the periodic summary (a line per job costs as much as the job's own work);
         # every job that did not end well gets a line of its own.
         level = logging.DEBUG if event.status == "succeeded" and not event.storage_error else logging.WARNING
-        problem = event.error or event.storage_error
-        code = problem.code if problem else ""
-        log.log(level, "job %s %s", event.status, code, extra=_ids(state))
+        if log.isEnabledFor(level):
+            problem = event.error or event.storage_error
+            log.log(level, "job %s %s", event.status, problem.code if problem else "", extra=_ids(state))
 
 
 def _delivery(message: Received, tier: ServiceTier) -> Delivery:

@@ -21,7 +21,9 @@ def event(
     """The event of `status` for this job as it stands at `now` (a success carries the state's video)."""
     succeeded = status == "succeeded"
     terminal = status in TERMINAL_STATUSES
-    return JobEvent(
+    # Every value comes from a validated tracking state or from this worker: constructed, not validated
+    # again (an event is built for every step of every job).
+    return JobEvent.model_construct(
         job_id=state.job_id,
         status=status,
         task_id=state.task_id,

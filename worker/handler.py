@@ -253,10 +253,10 @@ class JobHandler:
     def _submitted(self, state: TrackingState, task_id: str) -> Track:
         """The API accepted the task: its first tracking state, the `submitted` event, the first poll time."""
         submitted_at = self._clock()
-        state = state.model_copy(update={"task_id": task_id, "submitted_at": submitted_at})
         first = self._schedule.first_delay(state)
         next_poll = capped(submitted_at, first, state.deadline)
-        state = state.model_copy(update={"next_poll_at": next_poll, "interval": first})
+        update = {"task_id": task_id, "submitted_at": submitted_at, "next_poll_at": next_poll, "interval": first}
+        state = state.model_copy(update=update)
         # A producer's clock ahead of ours would make the wait negative; it is zero at worst.
         waited = max(0.0, (submitted_at - state.created_at).total_seconds())
         self._metrics.queue_wait.labels(state.tier).observe(waited)
