@@ -161,7 +161,9 @@ cpu_used = [0.0]
 def unlimited(mock_url: str) -> None:
     """A fresh mock without quotas: the benchmarks measure the worker, not the mock's 429s."""
     httpx.post(f"{mock_url}/_mock/reset").raise_for_status()
-    config: dict[str, Any] = {"model_rpm": None, "quotas": {"default": {}, "flex": {}}}
+    # The mock merges a configuration deeply: a quota is lifted by setting it to null.
+    unset = {"rpm": None, "concurrency": None, "max_queued": None, "daily_tokens": None}
+    config: dict[str, Any] = {"model_rpm": None, "quotas": {"default": unset, "flex": unset}}
     httpx.post(f"{mock_url}/_mock/config", json=config).raise_for_status()
 
 

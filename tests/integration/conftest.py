@@ -31,6 +31,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.server]
 
 AMQP_HOST = os.environ.get("SEEDANCE_TEST_AMQP_HOST", "127.0.0.1:5672")
 MOCK_KEY = "integration-key"
+# `POST /_mock/config` merges deeply: a quota is lifted by setting it to null, not by leaving it out.
+NO_QUOTAS = {
+    tier: {"rpm": None, "concurrency": None, "max_queued": None, "daily_tokens": None} for tier in ("default", "flex")
+}
 IMAGE = "https://example.com/boat.png"
 
 

@@ -21,6 +21,7 @@ from contracts.messages import TERMINAL_STATUSES
 from tests.integration.conftest import (
     AMQP_HOST,
     MOCK_KEY,
+    NO_QUOTAS,
     Bus,
     Mock,
     WorkerProcess,
@@ -60,7 +61,7 @@ async def test_sigterm_stops_intake_returns_in_flight_work_and_exits_0(spawn_wor
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_sigkill_at_random_points_loses_no_job(spawn_worker, bus: Bus, mock: Mock) -> None:
-    mock.config(quotas={"default": {}, "flex": {}}, model_rpm=None)
+    mock.config(quotas=NO_QUOTAS, model_rpm=None)
     rng = random.Random(20261124)
     ids = [f"kill-{i:03d}" for i in range(300)]
     settings = {"default_max_in_flight": 100, "flex_max_in_flight": 100, "default_prefetch": 8, "flex_prefetch": 4}

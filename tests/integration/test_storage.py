@@ -16,7 +16,7 @@ import obstore
 import pytest
 from obstore.store import from_url
 
-from tests.integration.conftest import Bus, Mock, WorkerProcess, job, wait_for, wait_ready
+from tests.integration.conftest import NO_QUOTAS, Bus, Mock, WorkerProcess, job, wait_for, wait_ready
 from tests.servers import SeaweedFS
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
@@ -63,7 +63,7 @@ async def served(event: dict[str, Any], mock: Mock) -> bytes:
 async def test_every_video_of_both_tiers_lands_in_s3_verified(
     start_worker, bus: Bus, mock: Mock, seaweedfs: SeaweedFS, s3_env: dict[str, str], prefix: str
 ) -> None:
-    mock.config(video_bytes_per_second=150_000, quotas={"default": {}, "flex": {}})
+    mock.config(video_bytes_per_second=150_000, quotas=NO_QUOTAS)
     worker = await start_worker(storage_url=f"s3://{seaweedfs.bucket}/{prefix}")
     default_ids = [f"keep-{i}" for i in range(20)]
     flex_ids = [f"keep-flex-{i}" for i in range(10)]

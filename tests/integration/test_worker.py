@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from contracts.messages import DEAD_LETTER_QUEUE
-from tests.integration.conftest import MOCK_KEY, Bus, Mock, RunningWorker, job, rabbitmqctl, wait_for
+from tests.integration.conftest import MOCK_KEY, NO_QUOTAS, Bus, Mock, RunningWorker, job, rabbitmqctl, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
 
@@ -292,7 +292,7 @@ async def test_the_running_limit_holds_jobs_in_rabbitmq_with_a_few_queued_upstre
 
 
 async def test_a_flex_backlog_does_not_delay_a_default_job(start_worker, bus: Bus, mock: Mock) -> None:
-    mock.config(quotas={"default": {}, "flex": {}}, model_rpm=None)
+    mock.config(quotas=NO_QUOTAS, model_rpm=None)
     await start_worker(flex_max_in_flight=5, flex_prefetch=2)
     flex_ids = [f"flex-{i}" for i in range(2000)]
     await bus.publish_many([job(i, service_tier="flex") for i in flex_ids], routing_key="job.flex")
