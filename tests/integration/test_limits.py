@@ -11,27 +11,11 @@ from typing import Any
 import aio_pika
 import pytest
 
+from tests.factories import tier_settings
 from worker.errors import LimitReached
 from worker.limits import Leadership, Permits, TierLimits
-from worker.settings import TierSettings
 
 pytestmark = [pytest.mark.broker]
-
-
-def config(**fields: Any) -> TierSettings:
-    values: dict[str, Any] = {
-        "name": "default",
-        "rpm": None,
-        "max_in_flight": None,
-        "queue_ahead": 0,
-        "daily_tokens": None,
-        "prefetch": 8,
-        "expected_seconds": 60.0,
-        "poll_min_seconds": 2.0,
-        "poll_max_seconds": 15.0,
-    }
-    values.update(fields)
-    return TierSettings(**values)
 
 
 Replica = Callable[..., Any]
@@ -65,7 +49,8 @@ async def replica(vhost: str, clock: Clock) -> AsyncIterator[Replica]:
         connections.append(connection)
         limits = TierLimits(
             "default",
-            config(**fields),
+            # No limit but the ones a test names.
+            tier_settings(**{"rpm": None, "max_in_flight": None, "queue_ahead": 0, **fields}),
             minute_seconds=minute,
             reconcile_window_seconds=reconcile_window_seconds,
             clock=clock,

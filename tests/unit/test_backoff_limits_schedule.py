@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from contracts.api import TaskResult
+from tests.factories import tier_settings
 from worker.backoff import backoff_delay
 from worker.errors import LimitReached
 from worker.limits import TierLimits, token_unit
-from worker.settings import Settings, TierSettings
+from worker.settings import Settings
 from worker.tracking import PollSchedule, TrackingState, capped, pick_delay_level
 
 
@@ -36,22 +37,6 @@ def test_backoff_grows_exponentially_within_half_and_full_step(attempt: int) -> 
 
 def test_backoff_never_undercuts_retry_after() -> None:
     assert backoff_delay(1, base=1.0, cap=60.0, retry_after=42.0) == 42.0
-
-
-def tier_settings(**fields: object) -> TierSettings:
-    values: dict[str, object] = {
-        "name": "default",
-        "rpm": 600,
-        "max_in_flight": 10,
-        "queue_ahead": 5,
-        "daily_tokens": None,
-        "prefetch": 8,
-        "expected_seconds": 60.0,
-        "poll_min_seconds": 2.0,
-        "poll_max_seconds": 15.0,
-    }
-    values.update(fields)
-    return TierSettings(**values)  # type: ignore[arg-type]
 
 
 def test_the_permit_queues_name_their_quota_and_the_slots_include_the_queue_ahead() -> None:
