@@ -47,6 +47,7 @@ class _Connection(asyncio.Protocol):
         self._head: tuple[int, list[tuple[bytes, bytes]], int | None, bool, bool] | None = None
         self._no_body = False
         self._chunks: list[bytes] = []
+        self._chunked_bytes = 0
         self._eof = False
 
     # asyncio.Protocol
@@ -67,6 +68,11 @@ class _Connection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self._waiter is None:
+            # Bytes no request asked for (past an answer's end, or on an idle connection) would be read as
+            # the next request's answer: the connection cannot be trusted with another one.
+            self.close()
+            return
         self._buffer += data
         self._parse()
 
@@ -91,6 +97,11 @@ class _Connection(asyncio.Protocol):
     def _late(waiter: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes, bool]]) -> None:
         if not waiter.done():
             waiter.set_exception(TimeoutError())
+
+    @property
+    def pending(self) -> bool:
+        """Bytes received past the end of the last answer."""
+        return bool(self._buffer)
 
     def close(self) -> None:
         self.closed = True
@@ -130,7 +141,7 @@ class _Connection(asyncio.Protocol):
             if not self._read_chunks():
                 return None
             body = b"".join(self._chunks)
-            self._chunks = []
+            self._chunks, self._chunked_bytes = [], 0
         else:  # the body runs until the server closes the connection
             if not self._eof:
                 if len(buffer) > MAX_BODY:
@@ -162,7 +173,8 @@ class _Connection(asyncio.Protocol):
             if len(buffer) < start + size + 2:
                 return False
             self._chunks.append(bytes(buffer[start : start + size]))
-            if sum(len(c) for c in self._chunks) > MAX_BODY:
+            self._chunked_bytes += size
+            if self._chunked_bytes > MAX_BODY:
                 raise _Broken(f"answer larger than {MAX_BODY} bytes")
             del buffer[: start + size + 2]
 
@@ -251,7 +263,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
             except BaseException:  # cancelled mid-answer: the connection's state is unknown
                 connection.close()
                 raise
-            if keep_alive and not connection.closed:
+            if keep_alive and not connection.closed and not connection.pending:
                 connection.idle_since = time.monotonic()
                 self._idle[origin].append(connection)
             else:

@@ -163,6 +163,33 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(serve) ->
     await transport.aclose()
 
 
+@pytest.mark.parametrize("when", ["with the answer", "while idle"])
+async def test_bytes_past_an_answer_are_never_read_as_the_next_answer(serve, when: str) -> None:
+    answers = iter([b"first", b"second"])
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        body = next(answers)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        if when == "with the answer":
+            writer.write(stray)
+
+    server = await serve(answer)
+    transport = Http11Transport()
+    assert (await get(transport, f"http://127.0.0.1:{server.port}/")).content == b"first"
+    if when == "while idle":
+        ((idle,),) = transport._idle.values()
+        server.writers[0].write(stray)
+        for _ in range(100):
+            if idle.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert idle.closed, "the transport dropped the connection that sent unasked bytes"
+    assert (await get(transport, f"http://127.0.0.1:{server.port}/")).content == b"second"
+    assert server.connections == 2
+    await transport.aclose()
+
+
 async def test_a_head_request_reads_no_body(serve) -> None:
     server = await serve(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"))
     transport = Http11Transport()
@@ -183,8 +210,20 @@ async def test_a_head_request_reads_no_body(serve) -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (MAX_BODY // 4, b"v" * (MAX_BODY // 4)) * 5
+        + b"0\r\n\r\n",
     ],
-    ids=["cut-short", "no-status-line", "bad-status", "bad-header", "bad-length", "bad-chunk", "too-large"],
+    ids=[
+        "cut-short",
+        "no-status-line",
+        "bad-status",
+        "bad-header",
+        "bad-length",
+        "bad-chunk",
+        "too-large",
+        "too-large-chunked",
+    ],
 )
 async def test_a_broken_answer_is_a_protocol_error(serve, raw: bytes) -> None:
     async def then_close(head: bytes, writer: asyncio.StreamWriter) -> None:
