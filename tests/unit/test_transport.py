@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trustme
 
-from worker.transport import MAX_BODY, Http11Transport
+from worker.transport import MAX_BODY, Http11Transport, _Connection
 
 pytestmark = [pytest.mark.server, pytest.mark.both_loops]  # the worker runs on uvloop
 
@@ -87,6 +87,15 @@ async def get(transport: Http11Transport, url: str, method: str = "GET", **kw: o
     return response
 
 
+async def closed(connection: _Connection, within: float = 1.0) -> bool:
+    """Whether `connection` is closed, waiting up to `within` seconds for it to be."""
+    for _ in range(int(within / 0.01)):
+        if connection.closed:
+            return True
+        await asyncio.sleep(0.01)
+    return connection.closed
+
+
 async def test_keep_alive_reuses_one_connection_for_many_requests(serve) -> None:
     server = await serve(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok"))
     transport = Http11Transport()
@@ -153,11 +162,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(serve) ->
     for writer in server.writers:
         writer.close()  # the server drops its idle keep-alive connection
     ((idle,),) = transport._idle.values()
-    for _ in range(100):
-        if idle.closed:
-            break
-        await asyncio.sleep(0.01)
-    assert idle.closed, "the transport saw the close"
+    assert await closed(idle), "the transport saw the close"
     assert (await get(transport, f"http://127.0.0.1:{server.port}/")).content == b"x"
     assert server.connections == 2
     await transport.aclose()
@@ -180,11 +185,7 @@ async def test_bytes_past_an_answer_are_never_read_as_the_next_answer(serve, whe
     if when == "while idle":
         ((idle,),) = transport._idle.values()
         server.writers[0].write(stray)
-        for _ in range(100):
-            if idle.closed:
-                break
-            await asyncio.sleep(0.01)
-        assert idle.closed, "the transport dropped the connection that sent unasked bytes"
+        assert await closed(idle), "the transport dropped the connection that sent unasked bytes"
     assert (await get(transport, f"http://127.0.0.1:{server.port}/")).content == b"second"
     assert server.connections == 2
     await transport.aclose()
