@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import uuid
 from collections.abc import AsyncIterator, MutableMapping
 from importlib import resources
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import validation_message
 from contracts.api import FRAME_PIXELS, MODEL_NAME, TASK_RESULT_PATH, SubmitRequest, TaskStatus
-from mock_server.state import Endpoint, Faults, JournalEntry, MockConfig, MockState, Task
+from mock_server.state import Endpoint, Faults, JournalEntry, MockConfig, MockState, ResultFault, Task
 from mock_server.video import Video, parse_range, size_for
 
 M = TypeVar("M", bound=BaseModel)
@@ -228,7 +229,28 @@ class _Routes:
         if task is None:
             return error(404, "TASK_NOT_FOUND", "task not found")
         task.polls += 1
+        for fault in self.state.faults.task_result:
+            if fault.applies(task, self.state.rng):
+                request.state.journal.fault = f"task-result:{fault.answer}"
+                return self._odd_result(fault, task, request)
         return json_response(200, self._result_body(task, request))
+
+    def _odd_result(self, fault: ResultFault, task: Task, request: Request) -> Response:
+        """An answer a client must not take for this task's result (see ResultFault)."""
+        if fault.answer == "status":
+            return error(fault.status, fault.reason, f"task-result refused (injected {fault.status} fault)")
+        if fault.answer == "html":
+            page = b"<!doctype html><html><body><h1>Down for maintenance</h1></body></html>"
+            return Response(page, 200, media_type="text/html")
+        body = self._result_body(task, request)
+        if fault.answer == "unknown_status":
+            body["task"]["status"] = fault.task_status
+            return json_response(200, body)
+        others = [t for t in self.state.tasks.values() if t.task_id != task.task_id]
+        if others:
+            return json_response(200, self._result_body(self.state.rng.choice(others), request))
+        body["task"]["task_id"] = str(uuid.UUID(int=self.state.rng.getrandbits(128), version=4))
+        return json_response(200, body)
 
     def _result_body(self, task: Task, request: Request) -> dict[str, Any]:
         state = self.state
@@ -397,14 +419,23 @@ def _parse(model: type[M], body: bytes) -> M | Response:
         return error(400, "INVALID_REQUEST_BODY", validation_message(exc))
 
 
+INJECTED_REASONS = {
+    400: "INVALID_REQUEST_BODY",
+    401: "FAILED_TO_AUTH",
+    403: "ACCESS_DENY",
+    404: "NOT_FOUND",
+    409: "CONFLICT",
+    422: "UNPROCESSABLE_ENTITY",
+    503: "SERVICE_NOT_AVAILABLE",
+}
+
+
 def _injected_status(status: int, faults: Faults) -> Response:
     if status == 429:
         headers = {"Retry-After": retry_after(faults.retry_after)} if faults.retry_after is not None else None
         return error(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded (injected fault)", headers)
-    if status == 400:
-        return error(400, "INVALID_REQUEST_BODY", "request rejected (injected 400 fault)")
-    reason = "SERVICE_NOT_AVAILABLE" if status == 503 else "INTERNAL_SERVER_ERROR"
-    return error(status, reason, f"injected {status} fault")
+    reason = INJECTED_REASONS.get(status, "INTERNAL_SERVER_ERROR" if status >= 500 else "BAD_REQUEST")
+    return error(status, reason, f"request rejected (injected {status} fault)")
 
 
 def create_app(config: MockConfig | None = None, *, seed: int | None = None) -> MockApp:

@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from contracts.api import ServiceTier, SubmitRequest, TaskStatus
 
@@ -113,13 +113,44 @@ class AuthFault(BaseModel):
     message: str = "the API key is not valid"
 
 
+class ResultFault(BaseModel):
+    """An odd but legal answer of task-result, instead of the task's result, for a share of the polls of
+    every task (`rate`) or of the tasks whose prompt contains a marker; `polls` limits it to each task's
+    first polls (a gateway catching up right after a submit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer: Literal["status", "html", "unknown_status", "other_task"] = Field(
+        description="status: an HTTP 4xx with the flat error body; html: a 200 maintenance page; "
+        "unknown_status: the result with task.status set to `task_status`; other_task: another task's result."
+    )
+    status: int = Field(default=404, ge=400, le=499, description="The status of answer `status`.")
+    reason: str = Field(default="TASK_NOT_FOUND", description="The flat body's reason of answer `status`.")
+    task_status: str = Field(default="TASK_STATUS_UNKNOWN", description="task.status of answer `unknown_status`.")
+    rate: float = Field(default=1.0, ge=0, le=1, description="Share of the matching polls answered so.")
+    prompt_contains: str | None = Field(default=None, min_length=1)
+    polls: int | None = Field(default=None, ge=1, description="Only each task's first `polls` polls.")
+
+    def applies(self, task: Task, rng: random.Random) -> bool:
+        if self.prompt_contains is not None and self.prompt_contains not in task.request.prompt:
+            return False
+        if self.polls is not None and task.polls > self.polls:
+            return False
+        return self.rate >= 1 or rng.random() < self.rate
+
+
+StatusKey = Annotated[str, StringConstraints(pattern=r"^([45][0-9][0-9]|5xx)$")]
+
+
 class Faults(BaseModel):
     """Faults injected into API requests. `POST /_mock/faults` replaces the whole set."""
 
     model_config = ConfigDict(extra="forbid")
 
-    status_rates: dict[Literal["400", "429", "500", "502", "503", "504", "5xx"], float] = Field(
-        default_factory=dict, description='Share of requests answered with a status; "5xx" picks 500/502/503/504.'
+    status_rates: dict[StatusKey, float] = Field(
+        default_factory=dict,
+        description='Share of requests answered with a 4xx or 5xx status (the flat error body); "5xx" picks '
+        "500/502/503/504.",
     )
     retry_after: float | None = Field(default=1.0, ge=0, description="Retry-After (real s) on injected 429.")
     latency_ms: float = Field(default=0.0, ge=0, description="Added to every API request.")
@@ -132,6 +163,9 @@ class Faults(BaseModel):
     )
     endpoints: list[Endpoint] = Field(default=["submit", "task-result"])
     outcomes: list[ForcedOutcome] = Field(default_factory=list)
+    task_result: list[ResultFault] = Field(
+        default_factory=list, description="Odd answers of task-result; the first that applies to a poll wins."
+    )
     auth: AuthFault | None = None
 
 

@@ -12,7 +12,6 @@ import signal
 import sys
 from collections.abc import Callable
 
-import httpx
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
@@ -24,6 +23,7 @@ from worker.cli import redact
 from worker.errors import StorageError
 from worker.handler import JobHandler
 from worker.health import HealthServer
+from worker.http_clients import http_client, timeouts
 from worker.intake import Intake
 from worker.limits import TierLimits
 from worker.logs import configure
@@ -32,7 +32,6 @@ from worker.service import Service
 from worker.settings import Settings, describe, unknown_variables
 from worker.stopping import Stopping
 from worker.storage import VideoStore
-from worker.transport import Http11Transport
 
 log = logging.getLogger("worker")
 
@@ -81,23 +80,28 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
         limits[tier] = TierLimits(
             tier, config, minute_seconds=60 * settings.poll_scale, reconcile_window_seconds=window
         )
-    timeout = httpx.Timeout(settings.api_timeout_seconds, connect=min(10.0, settings.api_timeout_seconds))
+    timeout = timeouts(settings.api_timeout_seconds)
     async with contextlib.AsyncExitStack() as stack:
-        if settings.http_transport == "http11":
-            transport: httpx.AsyncBaseTransport = Http11Transport(max_connections=64)
-        else:
-            # httpcore checks every pooled connection on each request: a small pool is cheaper per call.
-            transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
-        api = ApiClient(transport, settings.api_base_url, settings.read_api_key, metrics, timeout=timeout)
+        client = http_client(settings.http_transport, timeout)
+        # One request is at most a phase of sending and one of waiting: bounded as a whole by both.
+        total = 2 * settings.api_timeout_seconds
+        api = ApiClient(client, settings.api_base_url, settings.read_api_key, metrics, total_seconds=total)
         stack.push_async_callback(api.aclose)
         retry_max = settings.auth_retry_max_seconds
-        api_access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=retry_max)
+        api_access = Access(
+            "the API",
+            api.check_access,
+            metrics.api_access_ok,
+            stopping,
+            retry_max_seconds=retry_max,
+            checked_at_start=True,
+        )
         stack.push_async_callback(api_access.close)
         store = store_access = None
         if settings.storage_url is not None:
             # Downloads of pre-signed video URLs: a client of their own, which never carries the API key.
             downloads = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=timeout, follow_redirects=True, headers={"User-Agent": "seedance-worker"})
+                http_client(settings.http_transport, timeout, follow_redirects=True)
             )
             store = VideoStore(
                 settings.storage_url, downloads, metrics, timeout_seconds=settings.storage_timeout_seconds
@@ -117,6 +121,7 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
         await stack.enter_async_context(
             HealthServer(registry, service.readiness, settings.metrics_host, settings.metrics_port)
         )
+        api_access.start()  # no job is taken before the API has accepted the key
         await service.run()
 
 
@@ -168,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     configure(settings.log_level, settings.log_format)
     for name in unknown_variables(os.environ):
         log.warning("ignoring %s: no such setting (seedance-worker --help lists them)", name)
-    if settings.read_api_key() is None:
-        log.warning("no API key configured (SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE): not ready until one is")
+    if settings.api_in_clear:
+        log.warning("SEEDANCE_API_BASE_URL is http:// to a host off this machine: the API key travels unencrypted")
     _tune_gc()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

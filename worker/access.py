@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
 from worker.backoff import backoff_delay
+from worker.errors import TransientApiError
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
+
+
+# A refusal that goes on is said again at most this often (the first time, and every change, at once).
+REMIND_SECONDS = 300.0
 
 
 class Access:
@@ -28,53 +34,87 @@ class Access:
         *,
         retry_max_seconds: float,
         on_change: Callable[[], None] = lambda: None,
+        checked_at_start: bool = False,
     ) -> None:
-        """`check()` returns once `service` accepts the worker, and raises while it does not."""
+        """`check()` returns once `service` accepts the worker, and raises while it does not.
+
+        With `checked_at_start`, access is not granted until `start()`'s first check has passed; without,
+        it is assumed until a refusal is reported.
+        """
         self.service = service
         self._check = check
         self._gauge = gauge
         self._stopping = stopping
         self._retry_max = retry_max_seconds
         self.on_change = on_change
-        self.ok = True
+        self.ok = not checked_at_start
+        self.problem: str | None = "not checked yet" if checked_at_start else None
+        self._said: tuple[str, float] | None = None  # the last problem logged, and when
+        self._gauge.set(1 if self.ok else 0)
         self._probe: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Check at once (at start-up, before any job is taken), then with back-off until accepted."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._until_accepted(first_at_once=True))
 
     def refused(self, why: str) -> None:
         """The service refused the worker (`why`: status and reason, never a secret): stop taking jobs
         and probe until it accepts the worker again."""
         if self.ok:
-            log.error(
-                "%s refuses this worker's access (%s): no more jobs taken until it accepts it again", self.service, why
-            )
             self.ok = False
             self._gauge.set(0)
             self.on_change()
+        self._say(why, first=logging.ERROR)
         if self._probe is None or self._probe.done():
-            self._probe = asyncio.create_task(self._until_accepted())
+            self._probe = asyncio.create_task(self._until_accepted(first_at_once=False))
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
 
-    async def _until_accepted(self) -> None:
+    def _say(self, why: str, *, first: int, verb: str = "refuses this worker's access") -> None:
+        """Log a problem once, then at most every REMIND_SECONDS while it lasts unchanged."""
+        self.problem = why
+        now = time.monotonic()
+        if self._said is None or self._said[0] != why:
+            log.log(first, "%s %s (%s): no jobs taken until it accepts the worker", self.service, verb, why)
+        elif now - self._said[1] >= REMIND_SECONDS:
+            log.warning("%s still %s (%s)", self.service, verb, why)
+        else:
+            return
+        self._said = (why, now)
+
+    async def _until_accepted(self, *, first_at_once: bool) -> None:
         attempt = 0
         while True:
             attempt += 1
-            if not await self._stopping.sleep(backoff_delay(attempt, base=1.0, cap=self._retry_max)):
+            at_once = first_at_once and attempt == 1
+            if not at_once and not await self._stopping.sleep(backoff_delay(attempt, base=1.0, cap=self._retry_max)):
                 return
             try:
                 await self._check()
-            except Exception as exc:
-                log.info(
-                    "%s still refuses access (%s); next check in up to %.0f s",
-                    self.service,
-                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                    self._retry_max,
-                )
+            except TransientApiError as exc:
+                # The API cannot say yet (5xx, 429, unreachable): not a refusal, still not ready.
+                self._say(f"cannot check yet: {_why(exc)}", first=logging.WARNING, verb="does not answer")
                 continue
-            log.warning("%s accepts this worker's access again: taking jobs", self.service)
+            except Exception as exc:
+                self._say(_why(exc), first=logging.ERROR)
+                continue
+            if self._said is not None:
+                log.warning("%s accepts this worker's access again: taking jobs", self.service)
+            else:
+                log.info("%s accepts this worker's access", self.service)
+            self._said = None
+            self.problem = None
             self.ok = True
             self._gauge.set(1)
             self.on_change()
             return
+
+
+def _why(exc: Exception) -> str:
+    """One line on a failed check: the error's own first line (worker errors never hold secrets)."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return text or type(exc).__name__

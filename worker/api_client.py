@@ -5,6 +5,8 @@ Retrying is the caller's business (it knows the job's deadline); this module onl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import time
 from collections.abc import Callable
@@ -21,14 +23,15 @@ from worker.errors import (
     ConfigurationFault,
     PermanentApiError,
     RateLimited,
-    TaskNotFound,
+    ResultRefused,
     TransientApiError,
 )
+from worker.http_clients import TRANSPORT_ERRORS, never_sent, timed_out
 from worker.metrics import Metrics
 
 MAX_MESSAGE = 500
-USER_AGENT = "seedance-worker"
-DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# A task id no task can have: asking for its result costs nothing and says whether the key is accepted.
+ACCESS_PROBE_TASK_ID = "seedance-access-check-0000"
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -51,7 +54,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def error_from_response(endpoint: str, response: httpx.Response) -> ApiError:
-    """The error a non-200 answer stands for (see the tree in worker.errors)."""
+    """The error an answer outside 2xx stands for (see the tree in worker.errors)."""
     status = response.status_code
     try:
         body = ErrorBody.model_validate_json(response.content)
@@ -63,105 +66,115 @@ def error_from_response(endpoint: str, response: httpx.Response) -> ApiError:
         return RateLimited(endpoint, message, status=status, reason=reason, retry_after=retry_after)
     if status in (401, 403) or (status == 404 and endpoint == "submit"):
         return ConfigurationFault(endpoint, message, status=status, reason=reason)
-    if status == 404:
-        return TaskNotFound(endpoint, message, status=status, reason=reason)
     if status >= 500 or status == 408:
         return TransientApiError(endpoint, message, status=status, reason=reason)
+    if endpoint == "task-result":
+        return ResultRefused(endpoint, message, status=status, reason=reason)
     return PermanentApiError(endpoint, message, status=status, reason=reason)
 
 
 class ApiClient:
-    """Calls the two endpoints with the current key, over an httpx transport (worker.transport's aiohttp
-    one, httpx's own, or a test's: `mock_server.testing.InProcessTransport`, respx).
+    """Calls the two endpoints with the current key, through an `httpx.AsyncClient` (worker.http_clients
+    builds the worker's; tests pass one over `mock_server.testing.InProcessTransport`, respx or a socket).
 
-    Requests go straight to the transport as `httpx.Request`s: an `httpx.AsyncClient` around it would add
-    URL merging, cookie handling and redirect logic the API never needs, and a third of the worker's CPU
-    per request. `api_key` is asked on every call, so a rotated key file takes effect without a restart.
+    `api_key` is asked on every call, so a rotated key file takes effect without a restart. Every request
+    is bounded as a whole by `total_seconds` besides the client's per-phase timeouts: a body that trickles
+    in a byte at a time never holds a job.
     """
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport,
+        client: httpx.AsyncClient,
         base_url: str,
         api_key: Callable[[], str | None],
         metrics: Metrics,
         *,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        total_seconds: float = 60.0,
     ) -> None:
-        self._transport = transport
+        self._client = client
         base = httpx.URL(base_url)
         self._submit_url = base.join(SUBMIT_PATH)
         self._result_url = str(base.join(TASK_RESULT_PATH))
         self._api_key = api_key
         self._metrics = metrics
-        self._extensions = {"timeout": timeout.as_dict()}
+        self._total = total_seconds
+        self._model_missing = False
         self._requests = {e: metrics.api_requests.labels(e, "200") for e in ("submit", "task-result")}
         self._durations = {e: metrics.api_duration.labels(e) for e in ("submit", "task-result")}
 
     async def submit(self, request: SubmitRequest) -> str:
         """Submit one task and return its id."""
         body = request.model_dump_json(exclude_none=True).encode()
-        response = await self._send("submit", "POST", self._submit_url, body)
+        try:
+            response = await self._send("submit", "POST", self._submit_url, body)
+        except ConfigurationFault as exc:
+            self._model_missing = exc.status == 404
+            raise
         try:
             return SubmitResponse.model_validate_json(response.content).task_id
         except ValidationError:
-            # The API said 200: the task exists, but its id is lost with the answer.
+            # The API said 2xx: the task may exist, but its id is lost with the answer.
             raise AnswerLost("submit", "answer is not a task id", reason="malformed") from None
 
     async def task_result(self, task_id: str) -> TaskResult:
+        """The task's result; AnswerLost when the answer is no task result, or the result of another task
+        (never to be used: it would hand one job another job's video)."""
         url = httpx.URL(f"{self._result_url}?task_id={quote(task_id, safe='')}")  # cheaper than copy_with
         response = await self._send("task-result", "GET", url)
         try:
-            return TaskResult.model_validate_json(response.content)
+            result = TaskResult.model_validate_json(response.content)
         except ValidationError:
             raise AnswerLost("task-result", "answer is not a task result", reason="malformed") from None
+        if result.task.task_id != task_id:
+            raise AnswerLost("task-result", "answer is the result of another task", reason="wrong_task")
+        return result
 
     async def check_access(self) -> None:
-        """Raise ConfigurationFault while the key, account or model is unusable.
+        """Return when the API accepts the key; raise ConfigurationFault while the key, account or model is
+        unusable, and TransientApiError while the API cannot say.
 
-        Sends an empty submit: a working key on an existing model gets 400 (nothing is created, nothing
-        billed); a bad key 401/403, a missing model 404.
+        Asks for the result of a task id that cannot exist: 404 (or any other refusal of the request
+        itself) means the key was accepted, 401/403 that it was not. Nothing is created, nothing billed.
+        After a submit found the model missing, an empty submit checks the model as well (400: it exists).
         """
-        try:
-            await self._send("submit", "POST", self._submit_url, b"{}")
-        except PermanentApiError:
-            return
+        with contextlib.suppress(PermanentApiError):
+            await self._send("task-result", "GET", httpx.URL(f"{self._result_url}?task_id={ACCESS_PROBE_TASK_ID}"))
+        if self._model_missing:
+            with contextlib.suppress(PermanentApiError):
+                await self._send("submit", "POST", self._submit_url, b"{}")
+            self._model_missing = False
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._client.aclose()
 
     async def _send(self, endpoint: str, method: str, url: httpx.URL, body: bytes | None = None) -> httpx.Response:
         key = self._api_key()
         if not key:
             raise ConfigurationFault(endpoint, "no API key configured", reason="NO_API_KEY")
-        headers = {"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT}
+        headers = {"Authorization": f"Bearer {key}"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        request = httpx.Request(method, url, headers=headers, content=body, extensions=self._extensions)
         started = time.perf_counter()
         try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout) as exc:
-            # Never sent whole: the API cannot have acted on it.
-            self._observe(endpoint, "timeout", started)
-            raise TransientApiError(endpoint, f"request not sent ({type(exc).__name__})", reason="timeout") from None
-        except httpx.ReadTimeout:
+            async with asyncio.timeout(self._total):
+                response = await self._client.request(method, url, headers=headers, content=body)
+        except TimeoutError:
             self._observe(endpoint, "timeout", started)
             raise AnswerLost(
-                endpoint, "no answer in time; the request may have been acted on", reason="timeout"
+                endpoint,
+                f"no whole answer within {self._total:.0f} s; the request may have been acted on",
+                reason="timeout",
             ) from None
-        except (httpx.ConnectError, httpx.WriteError, httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
-            self._observe(endpoint, "transport", started)
-            raise TransientApiError(endpoint, f"request not sent ({type(exc).__name__})", reason="transport") from None
-        except httpx.RequestError as exc:
+        except TRANSPORT_ERRORS as exc:
+            reason = "timeout" if timed_out(exc) else "transport"
+            self._observe(endpoint, reason, started)
+            if never_sent(exc):
+                raise TransientApiError(endpoint, f"request not sent ({type(exc).__name__})", reason=reason) from None
             # Read, protocol and decoding errors: the connection failed after the request went out.
-            self._observe(endpoint, "transport", started)
-            raise AnswerLost(endpoint, f"answer lost ({type(exc).__name__})", reason="transport") from None
-        if response.status_code != 200:
+            raise AnswerLost(
+                endpoint, f"answer lost ({type(exc).__name__}); the request may have been acted on", reason=reason
+            ) from None
+        if not 200 <= response.status_code < 300:
             self._observe(endpoint, str(response.status_code), started)
             raise error_from_response(endpoint, response)
         self._requests[endpoint].inc()

@@ -3,9 +3,16 @@
 For every delivery the handler (worker.handler) decides, and this module carries the decision out in one
 order: publish what replaces the delivery (tracking state and events, terminal event, the job put back,
 or the message dead-lettered), wait for the broker's confirms, and only then ack. A crash anywhere before
-the ack leaves the delivery in its queue; a crash after it has nothing left to lose. A delivery whose
-handling fails for any other reason (a bug, a lost connection) is returned with a nack, and RabbitMQ's
-delivery limit stops one that fails every time.
+the ack leaves the delivery in its queue; a crash after it has nothing left to lose.
+
+A delivery whose handling fails for any other reason (a bug, a broker fault) goes through `_failed`, the
+one place that maps an unexpected exception onto a broker action: it is put back after a back-off with its
+failure count in `x-seedance-failures` (a job through its own queue, a tracking state or a copy through
+its delay queues), and after SEEDANCE_DELIVERY_LIMIT failures it is parked, confirmed, in seedance.jobs.dead
+with the reason (a tracking state keeps its task id there, so the paid task can be recovered). When even
+that cannot be published, the delivery goes back with a nack, after the same back-off: never a hot loop,
+never dropped. The count does not rest on RabbitMQ's `x-delivery-limit`: RabbitMQ 4.3 counts only
+`basic.reject` towards it, and the tracking queues have none.
 """
 
 from __future__ import annotations
@@ -16,27 +23,52 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from contracts.api import ServiceTier
 from contracts.messages import DEAD_LETTER_QUEUE, TERMINAL_STATUSES, TIERS
 from worker import topology
+from worker.backoff import backoff_delay
 from worker.errors import InvalidJob
 from worker.handler import Defer, Delivery, Finish, JobHandler, Outcome, Reject, Track
 from worker.metrics import Metrics
 from worker.publisher import Publishing, Received
-from worker.tracking import TrackingState
+from worker.tracking import TrackingState, pick_delay_level
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS_HEADER = "x-seedance-attempts"
+FAILURES_HEADER = "x-seedance-failures"
+FAILURE_BACKOFF_BASE = 1.0
+FAILURE_BACKOFF_MAX = 30.0  # a job is held this long at most (well under SEEDANCE_MAX_HOLD_SECONDS's scale)
+
+Kind = Literal["job", "tracking", "store"]
+Pause = Callable[[float], Awaitable[bool]]
+
+
+async def _sleep(seconds: float) -> bool:
+    await asyncio.sleep(seconds)
+    return True
 
 
 class Consumer:
-    def __init__(self, handler: JobHandler, publisher: Publishing, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        handler: JobHandler,
+        publisher: Publishing,
+        metrics: Metrics,
+        *,
+        delivery_limit: int = 10,
+        tracking_delays_ms: tuple[int, ...] = (1000,),
+        pause: Pause = _sleep,
+    ) -> None:
+        """`pause(seconds)` waits out a back-off and says False when the worker is stopping instead."""
         self._handler = handler
         self._publisher = publisher
         self._metrics = metrics
+        self._delivery_limit = delivery_limit
+        self._tracking_delays_ms = tracking_delays_ms
+        self._pause = pause
         # The delivery tasks in hand, so shutdown can wait for them (and cancel them past its timeout).
         self._handling: set[asyncio.Task[Any]] = set()
         self._tracking_in_hand: dict[ServiceTier, int] = dict.fromkeys(TIERS, 0)
@@ -65,25 +97,29 @@ class Consumer:
             try:
                 outcome = await self._handler.handle_job(_delivery(message, tier))
                 await self._carry_out(outcome, message, tier)
-            except Exception:
-                log.exception("job delivery failed; returning it to the queue")
-                await _safely(message.nack(requeue=True))
+            except Exception as exc:
+                await self._failed("job", tier, message, exc, None)
 
     async def on_tracking(self, tier: ServiceTier, message: Received) -> None:
         self._tracking_in_hand[tier] += 1
         try:
-            await self._on_state(tier, message, self._handler.handle_tracking)
+            await self._on_state("tracking", tier, message, self._handler.handle_tracking)
         finally:
             self._tracking_in_hand[tier] -= 1
 
     async def on_store(self, tier: ServiceTier, message: Received) -> None:
-        await self._on_state(tier, message, self._handler.handle_store)
+        await self._on_state("store", tier, message, self._handler.handle_store)
 
     async def _on_state(
-        self, tier: ServiceTier, message: Received, handle: Callable[[TrackingState], Awaitable[Outcome]]
+        self,
+        kind: Kind,
+        tier: ServiceTier,
+        message: Received,
+        handle: Callable[[TrackingState], Awaitable[Outcome]],
     ) -> None:
         """A tracking state in, polled (tracking queues) or its video copied (store queues)."""
         with self._in_hand():
+            state = None
             try:
                 try:
                     state = TrackingState.model_validate_json(message.body)
@@ -92,9 +128,83 @@ class Consumer:
                 else:
                     outcome = await handle(state)
                 await self._carry_out(outcome, message, tier)
-            except Exception:
-                log.exception("delivery from %s failed; returning it to the queue", message.routing_key)
-                await _safely(message.nack(requeue=True))
+            except Exception as exc:
+                await self._failed(kind, tier, message, exc, state)
+
+    async def _failed(
+        self, kind: Kind, tier: ServiceTier, message: Received, exc: Exception, state: TrackingState | None
+    ) -> None:
+        """Handling `message` raised `exc`: put it back after a back-off, or park it once it has failed
+        SEEDANCE_DELIVERY_LIMIT times; nack it (after the back-off) only when neither can be published."""
+        failures = _failures(message) + 1
+        self._metrics.deliveries_failed.labels(kind).inc()
+        ids = _ids(state) if state is not None else {"tier": tier}
+        why = f"{type(exc).__name__}: {str(exc)[:300]}" if str(exc) else type(exc).__name__
+        delay = backoff_delay(failures, base=FAILURE_BACKOFF_BASE, cap=FAILURE_BACKOFF_MAX)
+        waited = False
+        try:
+            if failures >= self._delivery_limit:
+                await self._park(kind, message, failures, why, state)
+                log.error(
+                    "a %s delivery failed %d times (last: %s): parked in %s",
+                    kind,
+                    failures,
+                    why,
+                    DEAD_LETTER_QUEUE,
+                    extra=ids,
+                )
+                log.debug("the last failure", exc_info=exc)
+                return
+            log.warning(
+                "a %s delivery failed (%s): again in %.1f s (failure %d of %d)",
+                kind,
+                why,
+                delay,
+                failures,
+                self._delivery_limit,
+                extra=ids,
+            )
+            log.debug("the failure", exc_info=exc)
+            headers = {FAILURES_HEADER: failures}
+            if kind == "job":
+                # Jobs have no delay queues: the delivery is held for the back-off, then goes back.
+                waited = True
+                if not await self._pause(delay):
+                    await _safely(message.nack(requeue=True))
+                    return
+                stamp = message.timestamp or datetime.now(UTC)  # the deadline must not move with the retry
+                await self._publisher.republish(message, topology.job_queue(tier), headers, stamp)
+            elif kind == "tracking":
+                level = pick_delay_level(self._tracking_delays_ms, delay)
+                await self._publisher.republish(message, topology.delay_queue(tier, level), headers, message.timestamp)
+            else:
+                level = pick_delay_level(topology.STORE_DELAYS_MS, delay)
+                queue = topology.store_delay_queue(tier, level)
+                await self._publisher.republish(message, queue, headers, message.timestamp)
+            await message.ack()
+        except Exception:
+            # The broker itself fails us: the delivery goes back as it is, but only after the back-off.
+            log.warning("could not put a failed %s delivery back; returning it to RabbitMQ", kind, extra=ids)
+            log.debug("why", exc_info=True)
+            if not waited:
+                await self._pause(delay)
+            await _safely(message.nack(requeue=True))
+
+    async def _park(self, kind: Kind, message: Received, failures: int, why: str, state: TrackingState | None) -> None:
+        headers: dict[str, Any] = {
+            "x-seedance-reason": f"handler_error: {kind} delivery failed {failures} times; last: {why}"[:2000],
+            "x-seedance-reason-code": "handler_error",
+            "x-seedance-routing-key": message.routing_key or "",
+            "x-seedance-rejected-at": datetime.now(UTC).isoformat(),
+            "x-seedance-kind": kind,
+            FAILURES_HEADER: failures,
+        }
+        if state is not None:
+            headers["x-seedance-job-id"] = state.job_id
+            headers["x-seedance-task-id"] = state.task_id or ""
+        await self._publisher.republish(message, DEAD_LETTER_QUEUE, headers, message.timestamp)
+        await message.ack()
+        self._metrics.deliveries_parked.labels(kind).inc()
 
     async def drain(self, within: float) -> None:
         """Let the deliveries in hand finish for up to `within` seconds; cancel the rest (they go back)."""
@@ -209,6 +319,13 @@ def _delivery(message: Received, tier: ServiceTier) -> Delivery:
         attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0,
         redelivered=bool(message.redelivered),
     )
+
+
+def _failures(message: Received) -> int:
+    """How often this delivery failed before: our header, or RabbitMQ's count of its redeliveries."""
+    headers = message.headers or {}
+    counts = [headers.get(FAILURES_HEADER, 0), headers.get("x-delivery-count", 0)]
+    return max((c for c in counts if isinstance(c, int) and not isinstance(c, bool)), default=0)
 
 
 def _ids(state: TrackingState) -> dict[str, str]:

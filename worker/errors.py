@@ -14,8 +14,10 @@
         │   ├── RateLimited           429: also closes the tier's gate until Retry-After
         │   └── AnswerLost            the request reached the API, its answer did not reach us: the task
         │                             may exist, so a retry may pay twice (SEEDANCE_AMBIGUOUS_SUBMIT)
-        ├── PermanentApiError     400 and other 4xx -> the job fails with the API's message
-        │   └── TaskNotFound          404 on a task id: retried a few times, then the job fails
+        ├── PermanentApiError     400 and other 4xx on a submit -> the job fails with the API's message
+        │   └── ResultRefused         a task-result answered 400, 404, 409, 422 or another 4xx: polled again
+        │                             with back-off for SEEDANCE_POLL_REFUSED_MAX_SECONDS, then the job
+        │                             fails with the API's reason
         └── ConfigurationFault    401, 403, 404 model -> no job fails: stop taking jobs until the key works
 
 `ApiError` messages carry the API's own message (which may echo request fields, never the key); the
@@ -117,8 +119,8 @@ class PermanentApiError(ApiError):
     """The API refused the request itself; sending it again cannot help."""
 
 
-class TaskNotFound(PermanentApiError):
-    """The API knows no task with this id."""
+class ResultRefused(PermanentApiError):
+    """The API refused a task-result request (it may not know the task yet, or any more)."""
 
 
 class ConfigurationFault(ApiError):
@@ -136,9 +138,9 @@ __all__ = [
     "PermanentApiError",
     "RateLimited",
     "RejectReason",
+    "ResultRefused",
     "StorageError",
     "StoreRefused",
-    "TaskNotFound",
     "TransientApiError",
     "VideoGone",
     "WorkerError",

@@ -40,8 +40,8 @@ from worker.errors import (
     LimitReached,
     PermanentApiError,
     RateLimited,
+    ResultRefused,
     StoreRefused,
-    TaskNotFound,
     TransientApiError,
     VideoGone,
 )
@@ -55,7 +55,6 @@ from worker.tracking import PollSchedule, TrackingState, capped
 log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(rb'"job_id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
-NOT_FOUND_LIMIT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +241,7 @@ class JobHandler:
                 self._metrics.api_retries.labels("submit", exc.label).inc()
                 log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
             except ConfigurationFault as exc:
-                self._api_access.refused(f"{exc.status} {exc.reason}")
+                self._api_access.refused(_refusal(exc))
                 return Defer("the API refuses this worker's access", state.created_at, state.attempts)
             except PermanentApiError as exc:
                 return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
@@ -285,21 +284,31 @@ class JobHandler:
         try:
             result = await self._api.task_result(state.task_id)
         except ConfigurationFault as exc:
-            self._api_access.refused(f"{exc.status} {exc.reason}")
+            self._api_access.refused(_refusal(exc))
             return Track(state, self._settings.tiers[state.tier].poll_max_seconds)
-        except TaskNotFound as exc:
-            state = state.model_copy(update={"poll_errors": state.poll_errors + 1})
-            if state.poll_errors >= NOT_FOUND_LIMIT:
-                return self._finish(state, "failed", exc.reason or "TASK_NOT_FOUND", exc.message)
-            return self._retry_poll(state, now, None)
+        except ResultRefused as exc:
+            return self._refused(state, now, exc)
         except TransientApiError as exc:
             self._metrics.api_retries.labels("task-result", exc.label).inc()
             state = state.model_copy(update={"poll_errors": state.poll_errors + 1})
             return self._retry_poll(state, now, exc.retry_after)
         finally:
             self._metrics.polls.labels(state.tier).inc()
-        state = state.model_copy(update={"polls": state.polls + 1, "poll_errors": 0})
+        state = state.model_copy(update={"polls": state.polls + 1, "poll_errors": 0, "refused_since": None})
         return self._after_poll(state, result, self._clock())
+
+    def _refused(self, state: TrackingState, now: datetime, exc: ResultRefused) -> Track | Finish:
+        """A task-result the API refused (400, 404, 409, 422, ...): a gateway that has not caught up with a
+        fresh submit says 404 for a while, so poll again with back-off; the job fails with the API's reason
+        once the refusals have lasted SEEDANCE_POLL_REFUSED_MAX_SECONDS."""
+        since = state.refused_since or now
+        state = state.model_copy(update={"poll_errors": state.poll_errors + 1, "refused_since": since})
+        refused_for = (now - since).total_seconds()
+        if refused_for >= self._settings.poll_refused_max_seconds:
+            message = f"the API refused the task's result for {refused_for:.0f} s: {exc.message}"
+            return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", message)
+        self._metrics.api_retries.labels("task-result", str(exc.status)).inc()
+        return self._retry_poll(state, now, None)
 
     def _after_poll(self, state: TrackingState, result: TaskResult, now: datetime) -> Track | Finish:
         task = result.task
@@ -319,6 +328,10 @@ class JobHandler:
             if self._settings.expired_reason_marker.lower() in reason.lower():
                 return self._finish(state, "expired", "TASK_EXPIRED", reason)
             return self._finish(state, "failed", "TASK_FAILED", reason)
+        if task.status is TaskStatus.UNKNOWN:
+            # A status this worker does not know (the gateway's TASK_STATUS_UNKNOWN, or a new one): not
+            # finished, so polling goes on (until the deadline at most).
+            self._metrics.unknown_task_status.labels(state.tier).inc()
         if now >= state.deadline:
             return self._finish(
                 state, "expired", "DEADLINE_EXCEEDED", f"task still {task.status.value} at the deadline"
@@ -396,8 +409,12 @@ class JobHandler:
         if now >= state.deadline:
             return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed while the API was failing")
         tier = self._settings.tiers[state.tier]
-        delay = backoff_delay(
-            state.poll_errors, base=tier.poll_min_seconds, cap=tier.poll_max_seconds, retry_after=retry_after
+        # Never sooner than the tier's shortest interval: at most one request per task per poll interval.
+        delay = max(
+            tier.poll_min_seconds,
+            backoff_delay(
+                state.poll_errors, base=tier.poll_min_seconds, cap=tier.poll_max_seconds, retry_after=retry_after
+            ),
         )
         next_poll = capped(now, delay, state.deadline)
         state = state.model_copy(update={"next_poll_at": next_poll})
@@ -405,6 +422,11 @@ class JobHandler:
 
     def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
+
+
+def _refusal(exc: ConfigurationFault) -> str:
+    """What the API's refusal says, for the log and /readyz: status and reason, or the worker's own words."""
+    return f"HTTP {exc.status} {exc.reason}".strip() if exc.status is not None else exc.message
 
 
 def _ids(state: TrackingState) -> dict[str, str]:

@@ -15,6 +15,7 @@ from worker.errors import REJECT_REASONS
 
 DUPLICATE_CAUSES = ("answer_lost", "redelivered")
 ENDPOINTS = ("submit", "task-result")
+DELIVERY_KINDS = ("job", "tracking", "store")
 RESOLUTIONS = ("480p", "720p", "1080p")
 # Queue waits run from seconds (default) to hours (flex); durations add the render time.
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
@@ -247,6 +248,31 @@ class Metrics:
             "0 while the video store refuses this worker's credentials (1 without a store).",
             registry=registry,
         )
+        self.unknown_task_status = Family(
+            Counter(
+                "seedance_task_status_unknown",
+                "Task results whose task.status this worker does not know (read as not finished yet).",
+                ["tier"],
+                registry=registry,
+            )
+        )
+        self.deliveries_failed = Family(
+            Counter(
+                "seedance_deliveries_failed",
+                "Deliveries whose handling failed unexpectedly (a bug, the broker): sent again after a back-off, "
+                "by kind (job, tracking, store).",
+                ["kind"],
+                registry=registry,
+            )
+        )
+        self.deliveries_parked = Family(
+            Counter(
+                "seedance_deliveries_parked",
+                "Deliveries that failed SEEDANCE_DELIVERY_LIMIT times and were parked in seedance.jobs.dead, by kind.",
+                ["kind"],
+                registry=registry,
+            )
+        )
         self.events_published = Family(
             Counter("seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry)
         )
@@ -274,6 +300,10 @@ class Metrics:
             for result in ("stored", "failed"):
                 self.videos_stored.labels(tier, result)
             self.video_stored_bytes.labels(tier)
+            self.unknown_task_status.labels(tier)
+        for kind in DELIVERY_KINDS:
+            self.deliveries_failed.labels(kind)
+            self.deliveries_parked.labels(kind)
         for failure in STORE_FAILURES:
             self.video_store_failures.labels(failure)
         for reason in REJECT_REASONS:
@@ -284,5 +314,5 @@ class Metrics:
         for event_status in EVENT_STATUSES:
             self.events_published.labels(event_status)
         self.worker_ready.set(0)
-        self.api_access_ok.set(1)
+        self.api_access_ok.set(0)  # until the API has accepted the key (checked at start-up)
         self.storage_access_ok.set(1)

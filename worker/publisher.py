@@ -122,9 +122,10 @@ class Publisher:
     async def republish(
         self, message: Received, queue: str, headers: Mapping[str, Any], timestamp: datetime | None
     ) -> None:
+        kept = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}  # the queue's own
         properties = spec.Basic.Properties(
             delivery_mode=PERSISTENT,
-            headers={**(message.headers or {}), **headers},
+            headers={**kept, **headers},
             content_type=message.content_type,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,

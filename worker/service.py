@@ -84,6 +84,7 @@ class Service:
             "broker_connected": self.connected,
             "topology_declared": self.declared,
             "api_access_ok": api_ok,
+            "api_access_problem": self._api_access.problem,
             "storage_access_ok": store_ok,
             "stopping": self._stopping.is_set(),
             "consuming": self._intake.consuming(),
@@ -102,7 +103,14 @@ class Service:
             permits = Permits(connection)
             for limits in self._limits.values():
                 await limits.attach(permits)
-            consumer = Consumer(self._handler, publisher, self._metrics)
+            consumer = Consumer(
+                self._handler,
+                publisher,
+                self._metrics,
+                delivery_limit=self._settings.delivery_limit,
+                tracking_delays_ms=self._settings.tracking_delays_ms,
+                pause=self._stopping.sleep,
+            )
             self.declared = True
             log.info("worker started", extra={"tiers": "default,flex"})
             intake = asyncio.create_task(self._intake.run(connection, consumer))

@@ -7,6 +7,7 @@ variable name, default and description; the README lists them too.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,10 +60,11 @@ class Settings(BaseSettings):
 
     # The API
     api_timeout_seconds: float = Field(default=30.0, gt=0, description="Per-request timeout for API calls.")
-    http_transport: Literal["http11", "httpx"] = Field(
-        default="http11",
-        description="What carries the API's requests under httpx: http11 (worker/transport.py, a fraction of "
-        "the CPU per request) or httpx's own transport.",
+    http_transport: Literal["httpx", "aiohttp"] = Field(
+        default="httpx",
+        description="What carries API requests and video downloads under httpx.AsyncClient: httpx's own "
+        "transport (httpcore) or aiohttp's (through httpx-aiohttp). Both honour HTTPS_PROXY/HTTP_PROXY/"
+        "ALL_PROXY/NO_PROXY.",
     )
     submit_max_attempts: int = Field(
         default=8,
@@ -76,6 +78,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest a job delivery is held waiting for a limit or back-off; past it the job goes back "
         "to its queue (well under RabbitMQ's 30 min consumer_timeout).",
+    )
+    poll_refused_max_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long task-result answers of 400, 404, 409, 422 or another 4xx (not 401/403/429) are "
+        "polled again with back-off before the job fails with the API's reason (a gateway catching up right "
+        "after a submit answers 404 for a while).",
     )
     auth_retry_max_seconds: float = Field(
         default=300.0, gt=0, description="Longest wait between checks of the key after an auth/account fault."
@@ -208,6 +217,22 @@ class Settings(BaseSettings):
         # `SEEDANCE_API_KEY=` (as compose writes `${SEEDANCE_API_KEY:-}`) means unset, not empty.
         return None if value == "" else value
 
+    @field_validator("api_base_url")
+    @classmethod
+    def _api_base_url(cls, value: str) -> str:
+        return check_base_url(value)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _stripped_key(cls, value: object) -> object:
+        # A mounted secret or `echo` into a variable ends in a newline: never part of the key.
+        if isinstance(value, str):
+            value = value.strip()
+            problem = key_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
@@ -225,6 +250,15 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("set SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE, not both")
+        if self.api_key_file is not None:
+            try:
+                problem = key_problem(self.api_key_file.read_text().strip())
+            except OSError:
+                problem = None  # not there yet (a secret mounted later): not ready until it is
+            except UnicodeDecodeError:
+                problem = "is not UTF-8 text"
+            if problem is not None:
+                raise ValueError(f"{PREFIX}API_KEY_FILE: the key it holds {problem}")
         for tier in TIERS:
             low, high = getattr(self, f"{tier}_poll_min_seconds"), getattr(self, f"{tier}_poll_max_seconds")
             if low > high:
@@ -261,15 +295,64 @@ class Settings(BaseSettings):
         return unquote(urlsplit(self.amqp_url.get_secret_value()).path[1:]) or "/"
 
     def read_api_key(self) -> str | None:
-        """The key as it is now: from the variable, or freshly read from the file (which may rotate)."""
+        """The key as it is now: from the variable, or freshly read from the file (which may rotate), with
+        surrounding whitespace stripped. None when there is none, or when the file holds no usable key."""
         if self.api_key is not None:
-            return self.api_key.get_secret_value()
+            return self.api_key.get_secret_value() or None
         if self.api_key_file is not None:
             try:
-                return self.api_key_file.read_text().strip() or None
-            except OSError:
+                key = self.api_key_file.read_text().strip()
+            except (OSError, UnicodeDecodeError):
                 return None
+            return key if key and key_problem(key) is None else None
         return None
+
+    @property
+    def api_in_clear(self) -> bool:
+        """Whether the key would travel unencrypted to another machine: http:// to a host not on loopback."""
+        parts = urlsplit(self.api_base_url)
+        return parts.scheme == "http" and not is_loopback(parts.hostname or "")
+
+
+def check_base_url(value: str) -> str:
+    """`value` if it is an absolute http(s)://host[:port] URL (a trailing slash allowed); ValueError naming
+    what is wrong otherwise. The API's paths are absolute, so a path here would be silently dropped."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an absolute http(s)://host[:port] URL, e.g. https://api.highwayapi.ai")
+    if not parts.hostname:
+        raise ValueError("names no host; use http(s)://host[:port]")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user name or password (the key goes in SEEDANCE_API_KEY)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be only http(s)://host[:port]: the API's paths are fixed (no path or query)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` (already stripped) cannot go into an Authorization header, or None when it can. Never
+    quotes the key."""
+    for char in key:
+        if char.isspace():
+            return "holds whitespace inside it"
+        if not char.isprintable() or ord(char) > 126:
+            return "holds a control or non-ASCII character"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower().endswith(".localhost")
 
 
 def variable(field: str) -> str:

@@ -48,6 +48,8 @@ class TrackingState(BaseModel):
     attempts: int = 0
     polls: int = 0
     poll_errors: int = 0
+    # Since when the API has refused this task's result (a 4xx other than 401/403/429), None when it has not.
+    refused_since: datetime | None = None
     progress: int = 0
     progress_event_at: datetime | None = None
     interval: float = 0.0
@@ -86,8 +88,9 @@ class PollSchedule:
         self._speed[tier] = ratio if known is None else known + self.SMOOTHING * (ratio - known)
 
     def speed(self, tier: ServiceTier) -> float | None:
-        """Observed time over expected time for the tier (the other tier's when it has none yet)."""
-        return self._speed.get(tier, self._speed.get("flex" if tier == "default" else "default"))
+        """Observed time over expected time for the tier; None until a task of the tier has finished (the
+        tiers run at unrelated speeds: flex's queueing says nothing of default's, and back)."""
+        return self._speed.get(tier)
 
     def first_delay(self, state: TrackingState) -> float:
         """Seconds from submission to the first poll: 80 % of the time the task should take."""

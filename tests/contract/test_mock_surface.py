@@ -136,8 +136,49 @@ async def test_reset_forgets_tasks_journal_faults_and_config(target: Target) -> 
 
 
 async def test_a_bad_fault_setting_is_rejected_with_400(target: Target) -> None:
-    response = await mock_control(target).post("/_mock/faults", json={"status_rates": {"418": 1}})
+    response = await mock_control(target).post("/_mock/faults", json={"status_rates": {"200": 1}})
     assert_error(response, 400, "INVALID_REQUEST_BODY")
+    response = await mock_control(target).post(
+        "/_mock/faults", json={"task_result": [{"answer": "status", "status": 500}]}
+    )
+    assert_error(response, 400, "INVALID_REQUEST_BODY")
+
+
+@pytest.mark.parametrize(
+    ("fault", "check"),
+    [
+        ({"answer": "status", "status": 409, "reason": "CONFLICT"}, "409 CONFLICT"),
+        ({"answer": "html"}, "html"),
+        ({"answer": "unknown_status", "task_status": "TASK_STATUS_ON_HOLD"}, "TASK_STATUS_ON_HOLD"),
+        ({"answer": "other_task"}, "other"),
+    ],
+    ids=["4xx", "html", "unknown-status", "other-task"],
+)
+async def test_task_result_answers_oddly_when_told_to_and_only_for_the_marked_tasks(
+    target: Target, fault: dict[str, object], check: str
+) -> None:
+    plain = await submit(target, body(prompt="a plain boat"))
+    marked = await submit(target, body(prompt="a boat ODD-1"))
+    await mock_control(target).post("/_mock/faults", json={"task_result": [{**fault, "prompt_contains": "ODD-1"}]})
+    normal = await target.api.get(TASK_RESULT_PATH, params={"task_id": plain})
+    assert normal.status_code == 200 and normal.json()["task"]["task_id"] == plain
+    odd = await target.api.get(TASK_RESULT_PATH, params={"task_id": marked})
+    if check == "html":
+        assert odd.status_code == 200 and odd.headers["content-type"].startswith("text/html")
+    elif check == "other":
+        assert odd.status_code == 200 and odd.json()["task"]["task_id"] == plain
+    elif check.startswith("409"):
+        assert_error(odd, 409, "CONFLICT")
+    else:
+        assert odd.json()["task"]["status"] == check
+
+
+async def test_a_task_result_fault_can_cover_only_each_tasks_first_polls(target: Target) -> None:
+    task_id = await submit(target, body())
+    fault = {"answer": "status", "status": 404, "reason": "TASK_NOT_FOUND", "polls": 2}
+    await mock_control(target).post("/_mock/faults", json={"task_result": [fault]})
+    statuses = [(await target.api.get(TASK_RESULT_PATH, params={"task_id": task_id})).status_code for _ in range(3)]
+    assert statuses == [404, 404, 200], "a gateway that catches up after its first polls"
 
 
 async def finished_video(target: Target, **overrides: object) -> str:

@@ -258,9 +258,9 @@ async def test_without_a_broker_the_worker_stays_alive_not_ready_and_stops_clean
 
 
 async def test_a_second_sigint_exits_at_once(spawn_worker, bus: Bus, mock: Mock) -> None:
-    mock.faults(latency_ms=20000, endpoints=["submit"])  # a submit in flight keeps the drain waiting
     worker = spawn_worker(drain_timeout_seconds=60, api_timeout_seconds=60)
     await asyncio.to_thread(wait_ready, worker)
+    mock.faults(latency_ms=20000, endpoints=["submit"])  # a submit in flight keeps the drain waiting
     await bus.publish(job("stuck-1"))
     await wait_for(lambda: metric(worker, "seedance_jobs_received_total") == 1, what="the job in hand")
     worker.signal(signal.SIGINT)
@@ -276,12 +276,13 @@ async def test_a_rotated_key_file_is_picked_up_after_an_auth_fault(
     key_file = tmp_path / "api-key"
     key_file.write_text("revoked-key\n")
     worker = spawn_worker(api_key="", api_key_file=str(key_file))
-    await asyncio.to_thread(wait_ready, worker)  # ready: the key is only tried on the first job
-    await bus.publish(job("rotate-1"))
+    # The key is checked at start-up, before any job arrives: refused, so never ready.
     await wait_for(lambda: "refuses this worker's access" in worker.log(), what="the refusal")
-    await wait_for(lambda: _readyz(worker) == 503, what="not ready")
-    await wait_for(lambda: _depth(bus, "seedance.jobs.default", 1), what="the job back in its queue")
+    assert _readyz(worker) == 503 and metric(worker, "seedance_api_access_ok") == 0
+    await bus.publish(job("rotate-1"))
+    await wait_for(lambda: _depth(bus, "seedance.jobs.default", 1), what="the job waiting in its queue")
     assert not bus.terminal("rotate-1"), "a refused key fails no job"
+    assert not mock.submits(), "and submits nothing"
     key_file.write_text(MOCK_KEY)
     final = (await bus.wait_terminal(["rotate-1"], timeout=20))["rotate-1"]
     assert final["status"] == "succeeded"

@@ -1,9 +1,11 @@
-"""The API client over a real socket to the mock, on both transports (worker.transport's, the default, and
-httpx's own, the fallback): every fault the mock can inject maps onto the same worker error either way."""
+"""The API client over a real socket to the mock, on both transports SEEDANCE_HTTP_TRANSPORT offers (httpx's
+own, the default, and aiohttp's through httpx-aiohttp): every fault the mock can inject maps onto the same
+worker error either way."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -20,11 +22,11 @@ from worker.errors import (
     ConfigurationFault,
     PermanentApiError,
     RateLimited,
-    TaskNotFound,
+    ResultRefused,
     TransientApiError,
 )
 from worker.metrics import Metrics
-from worker.transport import Http11Transport
+from worker.http_clients import Transport, http_client, timeouts
 
 pytestmark = [pytest.mark.server, pytest.mark.both_loops]  # the worker runs on uvloop
 
@@ -39,34 +41,35 @@ def server() -> Iterator[MockThread]:
     mock.stop()
 
 
-@pytest.fixture(params=["http11", "httpx"])
-def transport_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["httpx", "aiohttp"])
+def transport_kind(request: pytest.FixtureRequest) -> Transport:
+    kind: Transport = request.param
+    return kind
 
 
-def make_client(kind: str, base_url: str) -> httpx.AsyncClient:
-    transport = Http11Transport() if kind == "http11" else None
-    return httpx.AsyncClient(base_url=base_url, timeout=0.5, transport=transport)
+@dataclass
+class Client:
+    http: httpx.AsyncClient
+    base_url: str
 
 
 @pytest.fixture
-async def client(transport_kind: str, server: MockThread) -> AsyncIterator[httpx.AsyncClient]:
+async def client(transport_kind: Transport, server: MockThread) -> AsyncIterator[Client]:
     server.app.state.reset()
-    async with make_client(transport_kind, server.url) as http:
-        yield http
+    async with http_client(transport_kind, timeouts(0.5)) as http:
+        yield Client(http, server.url)
 
 
-def api(http: httpx.AsyncClient, key: str = "key") -> ApiClient:
-    """The API client over the same transport as `http` (whose own requests set up the mock)."""
-    timeout = httpx.Timeout(0.5)
-    return ApiClient(http._transport, str(http.base_url), lambda: key, Metrics(CollectorRegistry()), timeout=timeout)
+def api(client: Client, key: str = "key") -> ApiClient:
+    """The API client as the worker builds it, over `client`'s transport."""
+    return ApiClient(client.http, client.base_url, lambda: key, Metrics(CollectorRegistry()), total_seconds=5)
 
 
 def faults(server: MockThread, **values: Any) -> None:
     server.app.state.set_faults(Faults.model_validate(values))
 
 
-async def test_a_submit_and_a_poll_go_through(client: httpx.AsyncClient, server: MockThread) -> None:
+async def test_a_submit_and_a_poll_go_through(client: Client, server: MockThread) -> None:
     caller = api(client)
     task_id = await caller.submit(REQUEST)
     assert (await caller.task_result(task_id)).task.task_id == task_id
@@ -88,7 +91,7 @@ async def test_a_submit_and_a_poll_go_through(client: httpx.AsyncClient, server:
     ids=["timeout", "reset", "garbled", "503", "429", "400", "403"],
 )
 async def test_each_fault_maps_onto_the_same_error_on_both_transports(
-    client: httpx.AsyncClient, server: MockThread, injected: dict[str, Any], expected: type[ApiError], reason: str
+    client: Client, server: MockThread, injected: dict[str, Any], expected: type[ApiError], reason: str
 ) -> None:
     faults(server, endpoints=["submit"], **injected)
     with pytest.raises(ApiError) as caught:
@@ -99,14 +102,14 @@ async def test_each_fault_maps_onto_the_same_error_on_both_transports(
         assert caught.value.retry_after == 7
 
 
-async def test_an_unknown_task_is_not_found(client: httpx.AsyncClient) -> None:
-    with pytest.raises(TaskNotFound):
+async def test_an_unknown_task_is_a_refused_result(client: Client) -> None:
+    with pytest.raises(ResultRefused):
         await api(client).task_result("no-such-task")
 
 
-async def test_a_refused_connection_is_a_request_never_sent(transport_kind: str) -> None:
-    async with make_client(transport_kind, f"http://127.0.0.1:{free_port()}") as nowhere:
+async def test_a_refused_connection_is_a_request_never_sent(transport_kind: Transport) -> None:
+    async with http_client(transport_kind, timeouts(0.5)) as http:
         with pytest.raises(TransientApiError) as refused:
-            await api(nowhere).submit(REQUEST)
+            await api(Client(http, f"http://127.0.0.1:{free_port()}")).submit(REQUEST)
     assert type(refused.value) is TransientApiError, "not AnswerLost: the API never saw it"
     assert refused.value.reason == "transport"

@@ -11,7 +11,15 @@ from mock_server import MockConfig, create_app
 from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
 from worker.api_client import ApiClient, error_from_response, parse_retry_after
-from worker.errors import ConfigurationFault, PermanentApiError, RateLimited, TaskNotFound, TransientApiError
+from contracts.api import TaskStatus
+from worker.errors import (
+    AnswerLost,
+    ConfigurationFault,
+    PermanentApiError,
+    RateLimited,
+    ResultRefused,
+    TransientApiError,
+)
 from worker.metrics import Metrics
 
 REQUEST = SubmitRequest(image="https://example.com/a.png", prompt="boat")
@@ -31,7 +39,8 @@ def api(
     transport: httpx.AsyncBaseTransport, key: str | None = "right", base_url: str = "http://mock"
 ) -> tuple[ApiClient, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    return ApiClient(transport, base_url, lambda: key, metrics, timeout=httpx.Timeout(1.0)), metrics
+    client = httpx.AsyncClient(transport=transport, timeout=1.0)
+    return ApiClient(client, base_url, lambda: key, metrics, total_seconds=2.0), metrics
 
 
 def fault(app: MockApp, **faults: object) -> None:
@@ -76,9 +85,51 @@ async def test_a_missing_model_is_a_configuration_fault(app: MockApp) -> None:
     assert error.reason == "MODEL_NOT_FOUND"
 
 
-async def test_an_unknown_task_is_task_not_found(client: httpx.AsyncBaseTransport) -> None:
-    with pytest.raises(TaskNotFound):
+async def test_an_unknown_task_is_a_refused_result_with_the_apis_reason(client: httpx.AsyncBaseTransport) -> None:
+    with pytest.raises(ResultRefused) as caught:
         await api(client)[0].task_result("no-such-task")
+    assert (caught.value.status, caught.value.reason) == (404, "TASK_NOT_FOUND")
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 422, 418])
+async def test_any_4xx_of_task_result_but_auth_and_429_is_a_refused_result(
+    client: httpx.AsyncBaseTransport, app: MockApp, status: int
+) -> None:
+    caller, _ = api(client)
+    task_id = await caller.submit(REQUEST)
+    fault(app, task_result=[{"answer": "status", "status": status, "reason": "SOME_REASON"}])
+    with pytest.raises(ResultRefused) as caught:
+        await caller.task_result(task_id)
+    assert (caught.value.status, caught.value.reason) == (status, "SOME_REASON")
+
+
+async def test_a_result_that_names_another_task_is_never_used(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
+    caller, _ = api(client)
+    mine, other = await caller.submit(REQUEST), await caller.submit(REQUEST)
+    fault(app, task_result=[{"answer": "other_task"}])
+    with pytest.raises(AnswerLost) as caught:
+        await caller.task_result(mine)
+    assert caught.value.reason == "wrong_task"
+    assert other in app.state.tasks
+
+
+async def test_a_maintenance_page_with_200_is_a_transient_answer(
+    client: httpx.AsyncBaseTransport, app: MockApp
+) -> None:
+    caller, _ = api(client)
+    task_id = await caller.submit(REQUEST)
+    fault(app, task_result=[{"answer": "html"}])
+    with pytest.raises(TransientApiError) as caught:
+        await caller.task_result(task_id)
+    assert caught.value.reason == "malformed"
+
+
+async def test_an_unknown_task_status_reads_as_unknown(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
+    caller, _ = api(client)
+    task_id = await caller.submit(REQUEST)
+    fault(app, task_result=[{"answer": "unknown_status", "task_status": "TASK_STATUS_PAUSED_FOR_REVIEW"}])
+    result = await caller.task_result(task_id)
+    assert result.task.status is TaskStatus.UNKNOWN and not result.task.status.finished
 
 
 async def test_a_400_is_permanent_and_carries_the_apis_message(client: httpx.AsyncBaseTransport, app: MockApp) -> None:
@@ -118,10 +169,24 @@ async def test_server_and_transport_faults_are_transient(
     assert sum(s.value for m in metrics.api_requests.metric.collect() for s in m.samples) == 1
 
 
-async def test_the_access_check_passes_on_a_good_key_and_fails_on_a_bad_one(client: httpx.AsyncBaseTransport) -> None:
+async def test_the_access_check_passes_on_a_good_key_and_fails_on_a_bad_one(
+    client: httpx.AsyncBaseTransport, app: MockApp
+) -> None:
     await api(client)[0].check_access()
     with pytest.raises(ConfigurationFault):
         await api(client, "wrong")[0].check_access()
+    probes = [(e.endpoint, e.status) for e in app.state.journal]
+    assert probes == [("task-result", 404), ("task-result", 403)], "a free task-result, never a submit"
+    assert app.state.tasks == {}
+
+
+async def test_after_a_missing_model_the_access_check_asks_for_the_model_too(app: MockApp) -> None:
+    caller, _ = api(InProcessTransport(app), base_url="http://mock")
+    caller._submit_url = httpx.URL("http://mock/v3/async/seedance-v9")  # a model the API does not have
+    with pytest.raises(ConfigurationFault):
+        await caller.submit(REQUEST)
+    with pytest.raises(ConfigurationFault, match="MODEL_NOT_FOUND"):
+        await caller.check_access()
 
 
 def test_retry_after_reads_seconds_decimals_and_http_dates() -> None:
@@ -142,7 +207,7 @@ async def test_the_mock_mounts_under_respx_at_the_real_base_url() -> None:
     base = Settings().api_base_url
     with respx.mock(assert_all_called=True) as router:
         route = mount_respx(router, app, base)
-        caller, _ = api(httpx.AsyncHTTPTransport(), base_url=base)
+        caller, _ = api(httpx.AsyncHTTPTransport(), base_url=base)  # respx patches the transport
         task_id = await caller.submit(REQUEST)
         assert (await caller.task_result(task_id)).task.task_id == task_id
         await caller.aclose()

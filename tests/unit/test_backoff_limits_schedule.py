@@ -111,7 +111,14 @@ def test_the_first_poll_comes_when_the_video_could_plausibly_be_done() -> None:
     schedule.observe("default", 5, "720p", 60.0)  # the API is as fast as expected
     assert schedule.first_delay(_state()) == pytest.approx(48.0)  # 80 % of 60 s
     assert schedule.first_delay(_state(duration=10, resolution="1080p")) == pytest.approx(0.8 * 60 * 2 * 1.8)
-    assert schedule.first_delay(_state("flex")) == pytest.approx(0.8 * 1800), "flex borrows default's speed"
+
+
+def test_a_tier_that_has_seen_none_of_its_own_tasks_finish_polls_early_whatever_the_other_tier_learned() -> None:
+    schedule = PollSchedule(Settings())
+    schedule.observe("default", 5, "720p", 60.0)
+    assert schedule.first_delay(_state("flex")) == 60.0, "twice flex's shortest interval, not 80 % of 1800 s"
+    schedule.observe("flex", 5, "720p", 1800.0)
+    assert schedule.first_delay(_state("flex")) == pytest.approx(0.8 * 1800)
 
 
 def test_the_schedule_learns_how_fast_the_api_really_is() -> None:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from contracts.messages import DEAD_LETTER_QUEUE, JobEvent
 from worker import events
-from worker.consumer import ATTEMPTS_HEADER, Consumer
+from worker.consumer import ATTEMPTS_HEADER, FAILURES_HEADER, Consumer
 from worker.errors import InvalidJob
 from worker.handler import Defer, Delivery, Finish, Outcome, Reject, Track
 from worker.metrics import Metrics
@@ -134,12 +134,28 @@ class Rig:
         return value or 0.0
 
 
+LIMIT = 3
+
+
 @pytest.fixture
 def rig() -> Rig:
     log: list[str] = []
     metrics = Metrics(CollectorRegistry())
     handler, publisher = Handler(), Publisher(log)
-    return Rig(Consumer(handler, publisher, metrics), handler, publisher, metrics, log)  # type: ignore[arg-type]
+
+    async def pause(seconds: float) -> bool:
+        log.append("back-off")
+        return True
+
+    consumer = Consumer(
+        handler,  # type: ignore[arg-type]
+        publisher,
+        metrics,
+        delivery_limit=LIMIT,
+        tracking_delays_ms=(1000, 5000, 30000),
+        pause=pause,
+    )
+    return Rig(consumer, handler, publisher, metrics, log)
 
 
 async def settle() -> None:
@@ -172,19 +188,60 @@ async def test_a_finished_job_publishes_its_event_to_reply_to_then_acks(rig: Rig
     assert rig.sample("seedance_video_seconds_total", tier="default", resolution="720p") == 5
 
 
-async def test_a_refused_publish_returns_the_delivery_unacked(rig: Rig) -> None:
+async def test_a_refused_publish_returns_the_delivery_unacked_after_a_back_off(rig: Rig) -> None:
     rig.publisher.refuse = ConnectionError("channel closed")
     rig.publisher.confirm.set()
     rig.handler.outcome = Track(state(), 5.0)
     await rig.consumer.on_job("default", rig.message())
-    assert rig.log == ["publish state", "nack(requeue=True)"]
+    assert rig.log == ["publish state", "back-off", "publish to seedance.jobs.default", "nack(requeue=True)"]
     assert "ack" not in rig.log
 
 
-async def test_a_handler_bug_nacks_the_delivery_for_redelivery(rig: Rig) -> None:
+async def test_a_handler_bug_puts_the_job_back_after_a_back_off_with_its_failure_count(rig: Rig) -> None:
+    rig.publisher.confirm.set()
+    rig.handler.outcome = RuntimeError("bug")
+    await rig.consumer.on_job("default", rig.message(timestamp=NOW))
+    assert rig.log == ["back-off", "publish to seedance.jobs.default", "confirmed to seedance.jobs.default", "ack"]
+    assert rig.publisher.republished == [("seedance.jobs.default", {FAILURES_HEADER: 1}, NOW)]
+    assert rig.sample("seedance_deliveries_failed_total", kind="job") == 1
+
+
+async def test_a_failing_tracking_state_goes_back_through_a_delay_queue_without_holding_it(rig: Rig) -> None:
+    rig.publisher.confirm.set()
+    rig.handler.outcome = RuntimeError("bug")
+    body = state().model_dump_json().encode()
+    await rig.consumer.on_tracking("flex", rig.message(body=body, headers={FAILURES_HEADER: 1}))
+    (queue, headers, _) = rig.publisher.republished[0]
+    assert queue.startswith("seedance.tracking.flex.delay.") and headers == {FAILURES_HEADER: 2}
+    assert "back-off" not in rig.log and rig.log[-1] == "ack"
+
+
+@pytest.mark.parametrize("count_header", [FAILURES_HEADER, "x-delivery-count"])
+async def test_a_delivery_that_failed_the_delivery_limit_is_parked_with_its_task_id(
+    rig: Rig, count_header: str
+) -> None:
+    rig.publisher.confirm.set()
+    rig.handler.outcome = RuntimeError("still a bug")
+    body = state(task_id="paid-task-7").model_dump_json().encode()
+    await rig.consumer.on_tracking("default", rig.message(body=body, headers={count_header: LIMIT - 1}))
+    (queue, headers, _) = rig.publisher.republished[0]
+    assert queue == DEAD_LETTER_QUEUE and rig.log[-1] == "ack"
+    assert headers["x-seedance-reason-code"] == "handler_error"
+    assert "RuntimeError: still a bug" in headers["x-seedance-reason"]
+    assert (headers["x-seedance-task-id"], headers["x-seedance-job-id"]) == ("paid-task-7", "job-1")
+    assert headers[FAILURES_HEADER] == LIMIT
+    assert rig.sample("seedance_deliveries_parked_total", kind="tracking") == 1
+
+
+async def test_a_job_failing_while_the_worker_stops_goes_back_at_once(rig: Rig) -> None:
+    async def stopping(seconds: float) -> bool:
+        rig.log.append("stopping")
+        return False
+
+    rig.consumer._pause = stopping
     rig.handler.outcome = RuntimeError("bug")
     await rig.consumer.on_job("default", rig.message())
-    assert rig.log == ["nack(requeue=True)"]
+    assert rig.log == ["stopping", "nack(requeue=True)"]
 
 
 async def test_a_rejected_message_is_dead_lettered_with_its_reason_then_acked(rig: Rig) -> None:

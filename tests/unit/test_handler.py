@@ -69,7 +69,8 @@ async def env() -> AsyncIterator[Env]:
     metrics = Metrics(CollectorRegistry())
     limits: dict[ServiceTier, TierLimits] = {t: TierLimits(t, Settings().tiers[t]) for t in ("default", "flex")}
     stopping = Stopping()
-    api = ApiClient(InProcessTransport(app), "http://mock", lambda: "k", metrics, timeout=httpx.Timeout(2.0))
+    client = httpx.AsyncClient(transport=InProcessTransport(app), timeout=2.0)
+    api = ApiClient(client, "http://mock", lambda: "k", metrics, total_seconds=4.0)
     access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=0.01)
     handler = JobHandler(settings, api, limits, access, metrics, stopping)
     yield Env(app, handler, limits, access, metrics)

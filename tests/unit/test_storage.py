@@ -161,7 +161,7 @@ class Stage:
 async def stage(rig: Rig) -> AsyncIterator[Stage]:
     settings = Settings(poll_scale=0.0001, progress_interval_seconds=0, storage_url=rig.store.url)
     stopping = Stopping()
-    api = ApiClient(rig.http._transport, "http://mock", lambda: "k", rig.metrics)
+    api = ApiClient(rig.http, "http://mock", lambda: "k", rig.metrics)
     api_access = Access("the API", api.check_access, rig.metrics.api_access_ok, stopping, retry_max_seconds=0.01)
     store_access = Access(
         "the video store", rig.store.check_write, rig.metrics.storage_access_ok, stopping, retry_max_seconds=0.01
@@ -267,7 +267,7 @@ async def test_a_store_that_refuses_pauses_the_worker_and_fails_nothing(stage: S
 async def test_without_a_store_a_left_copy_ends_succeeded_saying_so(rig: Rig) -> None:
     settings = Settings(poll_scale=0.0001)
     stopping = Stopping()
-    api = ApiClient(rig.http._transport, "http://mock", lambda: "k", rig.metrics)
+    api = ApiClient(rig.http, "http://mock", lambda: "k", rig.metrics)
     access = Access("the API", api.check_access, rig.metrics.api_access_ok, stopping, retry_max_seconds=0.01)
     handler = JobHandler(settings, api, {}, access, rig.metrics, stopping)
     now = datetime.now(UTC)

@@ -1,0 +1,85 @@
+"""The HTTP clients of the worker: `httpx.AsyncClient`s, never hand-written HTTP.
+
+One client carries the API's requests, another the video downloads (it never holds the API key). Both take
+their proxies from the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`), validate headers,
+apply all four timeouts (connect, write, read, pool) and skip interim `1xx` answers: the library does it.
+`SEEDANCE_HTTP_TRANSPORT` picks what carries the bytes underneath:
+
+- `httpx`: httpx's own transport (httpcore), the default;
+- `aiohttp`: aiohttp's client through `httpx-aiohttp` (the transport the OpenAI SDK offers). aiohttp has no
+  write timeout (a stalled upload ends at the read timeout), and httpx-aiohttp reports every broken
+  connection as a connect error; `sent_whole_or_unknown` below tells the two apart again.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import aiohttp
+import httpx
+
+Transport = Literal["httpx", "aiohttp"]
+USER_AGENT = "seedance-worker"
+
+
+def timeouts(seconds: float) -> httpx.Timeout:
+    """Every phase of one request bounded by `seconds`; connecting by at most 10 s."""
+    return httpx.Timeout(seconds, connect=min(10.0, seconds))
+
+
+def http_client(
+    transport: Transport,
+    timeout: httpx.Timeout,
+    *,
+    max_connections: int = 64,
+    follow_redirects: bool = False,
+) -> httpx.AsyncClient:
+    """A client over the chosen transport that honours the proxy variables of the environment."""
+    # httpcore checks every pooled connection on each request: a small keep-alive pool is cheaper per call.
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=16)
+    options = {
+        "timeout": timeout,
+        "limits": limits,
+        "trust_env": True,  # proxies and SSL_CERT_FILE from the environment
+        "follow_redirects": follow_redirects,
+        "headers": {"User-Agent": USER_AGENT},
+    }
+    if transport == "aiohttp":
+        from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415 - only loaded when chosen
+
+        return HttpxAiohttpClient(**options)  # type: ignore[arg-type]
+    return httpx.AsyncClient(**options)  # type: ignore[arg-type]
+
+
+# What a request through either transport can raise besides an answer: httpx's errors, and aiohttp's own
+# where httpx-aiohttp lets them through unmapped (a garbled answer head raises aiohttp.ClientResponseError).
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.TransportError, aiohttp.ClientError)
+
+
+def never_sent(exc: Exception) -> bool:
+    """Whether the request certainly never reached the server (so sending it again cannot pay twice).
+
+    httpx says so with ConnectError, ConnectTimeout, PoolTimeout and WriteTimeout (a body not sent whole is
+    no request), a ProxyError, or a request refused before it left. httpx-aiohttp maps every aiohttp
+    connection error onto ConnectTimeout, a reset after the request went out included: there, only
+    aiohttp's ClientConnectorError (connecting failed) counts.
+    """
+    if isinstance(exc, aiohttp.ClientError):
+        return isinstance(exc, aiohttp.ClientConnectorError)
+    if isinstance(exc, httpx.ProxyError | httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+        return True
+    if not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.WriteTimeout):
+        return False
+    cause = exc.__cause__
+    return not isinstance(cause, aiohttp.ClientError) or isinstance(cause, aiohttp.ClientConnectorError)
+
+
+def timed_out(exc: Exception) -> bool:
+    """Whether the request failed because a timeout ran out (rather than a refusal or a broken connection).
+    httpx-aiohttp calls every aiohttp connection error a ConnectTimeout: its cause says what it was."""
+    if isinstance(exc, aiohttp.ClientError):
+        return isinstance(exc, aiohttp.ServerTimeoutError)
+    if not isinstance(exc, httpx.TimeoutException):
+        return False
+    cause = exc.__cause__
+    return not isinstance(cause, aiohttp.ClientError) or isinstance(cause, aiohttp.ServerTimeoutError)
