@@ -25,8 +25,8 @@ from worker.errors import (
     ResultRefused,
     TransientApiError,
 )
-from worker.metrics import Metrics
 from worker.http_clients import Transport, http_client, timeouts
+from worker.metrics import Metrics
 
 pytestmark = [pytest.mark.server, pytest.mark.both_loops]  # the worker runs on uvloop
 

@@ -6,12 +6,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from contracts.api import SubmitRequest
+from contracts.api import SubmitRequest, TaskStatus
 from mock_server import MockConfig, create_app
 from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
 from worker.api_client import ApiClient, error_from_response, parse_retry_after
-from contracts.api import TaskStatus
 from worker.errors import (
     AnswerLost,
     ConfigurationFault,
