@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import Gauge
 
 from worker.backoff import backoff_delay
-from worker.errors import TransientApiError
+from worker.errors import ApiError, TransientApiError
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
@@ -116,5 +116,7 @@ class Access:
 
 def _why(exc: Exception) -> str:
     """One line on a failed check: the error's own first line (worker errors never hold secrets)."""
+    if isinstance(exc, ApiError):
+        return exc.summary[:200]
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
     return text or type(exc).__name__

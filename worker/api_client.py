@@ -150,7 +150,9 @@ class ApiClient:
     async def _send(self, endpoint: str, method: str, url: httpx.URL, body: bytes | None = None) -> httpx.Response:
         key = self._api_key()
         if not key:
-            raise ConfigurationFault(endpoint, "no API key configured", reason="NO_API_KEY")
+            raise ConfigurationFault(
+                endpoint, "no API key configured (set SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE)", reason="NO_API_KEY"
+            )
         headers = {"Authorization": f"Bearer {key}"}
         if body is not None:
             headers["Content-Type"] = "application/json"

@@ -97,6 +97,13 @@ class ApiError(WorkerError):
         self.message = message
         self.retry_after = retry_after
 
+    @property
+    def summary(self) -> str:
+        """One line for logs and /readyz: status, reason and message, or the worker's own words."""
+        if self.status is None:
+            return self.message
+        return f"HTTP {self.status} {self.reason}: {self.message}".replace(" :", ":")
+
 
 class TransientApiError(ApiError):
     """Worth retrying after a back-off: 429, 5xx, timeouts, connection resets, unreadable answers."""

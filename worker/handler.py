@@ -241,7 +241,7 @@ class JobHandler:
                 self._metrics.api_retries.labels("submit", exc.label).inc()
                 log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
             except ConfigurationFault as exc:
-                self._api_access.refused(_refusal(exc))
+                self._api_access.refused(exc.summary)
                 return Defer("the API refuses this worker's access", state.created_at, state.attempts)
             except PermanentApiError as exc:
                 return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
@@ -284,7 +284,7 @@ class JobHandler:
         try:
             result = await self._api.task_result(state.task_id)
         except ConfigurationFault as exc:
-            self._api_access.refused(_refusal(exc))
+            self._api_access.refused(exc.summary)
             return Track(state, self._settings.tiers[state.tier].poll_max_seconds)
         except ResultRefused as exc:
             return self._refused(state, now, exc)
@@ -422,11 +422,6 @@ class JobHandler:
 
     def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
-
-
-def _refusal(exc: ConfigurationFault) -> str:
-    """What the API's refusal says, for the log and /readyz: status and reason, or the worker's own words."""
-    return f"HTTP {exc.status} {exc.reason}".strip() if exc.status is not None else exc.message
 
 
 def _ids(state: TrackingState) -> dict[str, str]:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from contracts.messages import TERMINAL_STATUSES
@@ -159,12 +160,64 @@ def test_a_bad_worker_setting_gets_one_line_and_a_non_zero_exit() -> None:
         ({"SEEDANCE_AMQP_URL": "amqp://guest:hunter2@host:port/"}, "SEEDANCE_AMQP_URL: has a port"),
         ({"SEEDANCE_DEFAULT_POLL_MIN_SECONDS": "20"}, "SEEDANCE_DEFAULT_POLL_MIN_SECONDS (20.0) is above"),
         ({"SEEDANCE_AMBIGUOUS_SUBMIT": "maybe"}, "SEEDANCE_AMBIGUOUS_SUBMIT: Input should be 'retry' or 'fail'"),
+        ({"SEEDANCE_API_BASE_URL": "127.0.0.1:8080"}, "SEEDANCE_API_BASE_URL: must be an absolute http(s)://host"),
+        ({"SEEDANCE_API_BASE_URL": "ftp://api.example.com"}, "SEEDANCE_API_BASE_URL: must be an absolute"),
+        ({"SEEDANCE_API_BASE_URL": "https://api.example.com/v3"}, "SEEDANCE_API_BASE_URL: must be only"),
+        ({"SEEDANCE_API_BASE_URL": "https://hunter2@api.example.com"}, "SEEDANCE_API_BASE_URL: must not hold"),
+        ({"SEEDANCE_API_KEY": "sk-hunter2 second-word"}, "SEEDANCE_API_KEY: holds whitespace inside it"),
+        ({"SEEDANCE_API_KEY": "sk-hunter2\x07"}, "SEEDANCE_API_KEY: holds a control"),
+        ({"SEEDANCE_HTTP_TRANSPORT": "http11"}, "SEEDANCE_HTTP_TRANSPORT: Input should be 'httpx' or 'aiohttp'"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], words: str) -> None:
     done = run("worker", env=env)
     assert_one_line_error(done, 1, words)
     assert "hunter2" not in done.stderr
+
+
+def test_a_key_file_holding_an_unusable_key_is_refused_at_start_up(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-hunter2\nsk-another\n")  # two keys pasted into one secret
+    done = run("worker", env={"SEEDANCE_API_KEY_FILE": str(key_file)})
+    assert_one_line_error(done, 1, "SEEDANCE_API_KEY_FILE: the key it holds holds whitespace inside it")
+    assert "hunter2" not in done.stderr
+
+
+async def test_a_key_with_a_trailing_newline_works(spawn_worker, bus: Bus, mock: Mock) -> None:
+    worker = spawn_worker(api_key=MOCK_KEY + "\n")  # as `echo` into a variable, or a mounted secret, leaves it
+    await asyncio.to_thread(wait_ready, worker)
+    await bus.publish(job("newline-1"))
+    assert (await bus.wait_terminal(["newline-1"]))["newline-1"]["status"] == "succeeded"
+
+
+async def test_a_missing_key_is_not_ready_said_once_and_picked_up_when_it_appears(
+    spawn_worker, mock: Mock, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "not-yet"
+    worker = spawn_worker(api_key="", api_key_file=str(key_file), auth_retry_max_seconds=0.05)
+    await wait_for(lambda: "no API key configured" in worker.log(), what="the reason")
+    ready = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=2)
+    assert ready.status_code == 503
+    assert ready.json()["api_access_ok"] is False
+    assert ready.json()["api_access_problem"].startswith("no API key configured")
+    key_file.write_text(MOCK_KEY)  # the secret is mounted late: checked again every 50 ms or so
+    await asyncio.to_thread(wait_ready, worker)
+    assert worker.log().count("no API key configured") == 1, "said once, not at every check"
+
+
+async def test_an_http_base_url_off_this_machine_is_warned_about(spawn_worker) -> None:
+    worker = spawn_worker(api_base_url="http://api.example.invalid:8080")
+    await wait_for(lambda: "travels unencrypted" in worker.log(), what="the warning")
+    assert "SEEDANCE_API_BASE_URL is http://" in worker.log()
+
+
+async def test_a_wrong_key_is_noticed_at_start_up_before_any_job(spawn_worker, mock: Mock) -> None:
+    worker = spawn_worker(api_key="not-the-key")
+    await wait_for(lambda: "refuses this worker's access" in worker.log(), what="the refusal")
+    assert _readyz(worker) == 503 and metric(worker, "seedance_api_access_ok") == 0
+    probes = mock.requests()
+    assert probes and {r["endpoint"] for r in probes} == {"task-result"}, "a free task-result, never a submit"
+    assert "not-the-key" not in worker.log()
 
 
 def test_worker_help_lists_every_setting() -> None:
