@@ -166,7 +166,7 @@ def test_a_bad_worker_setting_gets_one_line_and_a_non_zero_exit() -> None:
         ({"SEEDANCE_API_BASE_URL": "https://hunter2@api.example.com"}, "SEEDANCE_API_BASE_URL: must not hold"),
         ({"SEEDANCE_API_KEY": "sk-hunter2 second-word"}, "SEEDANCE_API_KEY: holds whitespace inside it"),
         ({"SEEDANCE_API_KEY": "sk-hunter2\x07"}, "SEEDANCE_API_KEY: holds a control"),
-        ({"SEEDANCE_HTTP_TRANSPORT": "http11"}, "SEEDANCE_HTTP_TRANSPORT: Input should be 'httpx' or 'aiohttp'"),
+        ({"SEEDANCE_HTTP_TRANSPORT": "http11"}, "SEEDANCE_HTTP_TRANSPORT: Input should be 'aiohttp' or 'httpx'"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], words: str) -> None:
