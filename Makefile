@@ -40,6 +40,7 @@ check-deploy:
 # The whole suite: lint, types, schema freshness, then every test against a real RabbitMQ and real servers.
 test: lint typecheck check-schemas check-deploy
 	scripts/ensure-rabbitmq.sh
+	scripts/ensure-tinyproxy.sh
 	$(BIN)/pytest
 
 # Tests that need neither a broker nor a server process.

@@ -90,11 +90,28 @@ class MockThread:
         self.thread.join(10)
 
 
-def start_mock_thread(*, time_scale: float = 0.001, api_key: str | None = None, seed: int | None = 7) -> MockThread:
+def start_mock_thread(
+    *,
+    time_scale: float = 0.001,
+    api_key: str | None = None,
+    seed: int | None = 7,
+    tls: tuple[str, str] | None = None,
+) -> MockThread:
+    """The mock on a socket of its own; `tls`, (certificate file, key file), serves it over https."""
     logging.getLogger("uvicorn.error").addFilter(DropSimulatedResets())
     app = create_app(MockConfig(api_key=api_key, time_scale=time_scale), seed=seed)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False)
+    certfile, keyfile = tls or (None, None)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"mock-{port}", daemon=True)
     thread.start()
@@ -103,7 +120,59 @@ def start_mock_thread(*, time_scale: float = 0.001, api_key: str | None = None, 
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"the mock did not start on port {port}")
         time.sleep(0.01)
-    return MockThread(app, f"http://127.0.0.1:{port}", server, thread)
+    return MockThread(app, f"{'https' if tls else 'http'}://127.0.0.1:{port}", server, thread)
+
+
+@dataclass
+class ForwardProxy:
+    """tinyproxy, a real forward proxy (absolute-form requests and CONNECT), on loopback; its log names
+    every request it forwards (`Request (file descriptor N): POST http://host:port/path HTTP/1.1`)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: str
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_forward_proxy(directory: str) -> ForwardProxy:
+    """tinyproxy in the foreground with a configuration of its own in `directory` (scripts/ensure-tinyproxy.sh
+    installs it)."""
+    port = free_port()
+    log_path = os.path.join(directory, "tinyproxy.log")
+    conf = os.path.join(directory, "tinyproxy.conf")
+    with open(conf, "w", encoding="utf-8") as f:
+        f.write(
+            f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 60\nMaxClients 100\n"
+            f'LogFile "{log_path}"\nLogLevel Info\nDisableViaHeader Yes\n'
+        )
+    proc = subprocess.Popen(["tinyproxy", "-d", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tinyproxy exited with {proc.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("tinyproxy did not listen within 20 s")
+        time.sleep(0.05)
+    return ForwardProxy(proc, f"http://127.0.0.1:{port}", log_path)
 
 
 @dataclass

@@ -13,13 +13,22 @@ apply all four timeouts (connect, write, read, pool) and skip interim `1xx` answ
 
 from __future__ import annotations
 
-from typing import Literal
+import http.cookiejar
+from typing import Any, Literal
 
 import aiohttp
 import httpx
 
 Transport = Literal["httpx", "aiohttp"]
 USER_AGENT = "seedance-worker"
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """Keeps no cookie: neither the API nor a pre-signed video URL needs one, and a cookie one job's answer
+    set must never ride along with another job's request. (It also skips parsing Set-Cookie per answer.)"""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
 
 
 def timeouts(seconds: float) -> httpx.Timeout:
@@ -43,6 +52,7 @@ def http_client(
         "trust_env": True,  # proxies and SSL_CERT_FILE from the environment
         "follow_redirects": follow_redirects,
         "headers": {"User-Agent": USER_AGENT},
+        "cookies": _NoCookies(),
     }
     if transport == "aiohttp":
         from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415 - only loaded when chosen

@@ -195,6 +195,21 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 quantiles("seedance_submit_unconfirmed_seconds", "instance", "", (0.5, 0.99)),
                 "s",
             ),
+            Panel(
+                "Odd answers: unknown task status",
+                "Task results whose task.status the worker does not know; read as not finished, polled again.",
+                [(f"sum by (tier) (rate(seedance_task_status_unknown_total{{{T}}}[{RI}]))", "{{tier}}")],
+                "reqps",
+            ),
+            Panel(
+                "Failing deliveries",
+                "Deliveries whose handling failed unexpectedly (retried with back-off), and those parked in "
+                "seedance.jobs.dead after SEEDANCE_DELIVERY_LIMIT failures.",
+                [
+                    ("sum by (kind) (rate(seedance_deliveries_failed_total[" + RI + "]))", "failed {{kind}}"),
+                    ("sum by (kind) (increase(seedance_deliveries_parked_total[" + RI + "]))", "parked {{kind}}"),
+                ],
+            ),
         ],
     ),
     (
