@@ -43,7 +43,7 @@ async def test_the_three_paths_answer_as_before(server) -> None:
 
 async def test_a_client_sending_a_byte_at_a_time_holds_up_no_other(server) -> None:
     running, _ = server
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     try:
         for byte in b"GET /heal":
             writer.write(bytes([byte]))
