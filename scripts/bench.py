@@ -7,7 +7,9 @@ reported with every run shown.
 - latency: polls per task and the delay from the mock finishing a task to its terminal event, with
   realistic timings scaled down tenfold (reported in real and in unscaled seconds; the broker's own
   per-hop latency does not scale, so smaller scales overstate it);
-- memory: the worker's resident memory idle and with 10,000 tasks in flight.
+- memory: the worker's resident memory idle and with 10,000 tasks in flight;
+- http: CPU per API request of the worker's API client on each SEEDANCE_HTTP_TRANSPORT (the mock in a
+  process of its own, so only the client's CPU is counted).
 """
 
 from __future__ import annotations
@@ -504,13 +506,69 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def http_transports(runs: int, requests: int) -> None:
+    """CPU per task-result request through the worker's ApiClient, on each transport, interleaved."""
+    import resource  # noqa: PLC0415
+
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from contracts.api import SubmitRequest  # noqa: PLC0415
+    from worker.api_client import ApiClient  # noqa: PLC0415
+    from worker.http_clients import Transport, http_client, timeouts  # noqa: PLC0415
+    from worker.metrics import Metrics  # noqa: PLC0415
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    async def one_run(kind: Transport, url: str) -> float:
+        api = ApiClient(http_client(kind, timeouts(30)), url, lambda: KEY, Metrics(CollectorRegistry()))
+        try:
+            task_id = await api.submit(SubmitRequest(image="https://example.com/a.png", prompt="bench"))
+            gate = asyncio.Semaphore(32)
+
+            async def poll() -> None:
+                async with gate:
+                    await api.task_result(task_id)
+
+            await asyncio.gather(*(poll() for _ in range(200)))  # connections open, caches warm
+            started = cpu()
+            await asyncio.gather(*(poll() for _ in range(requests)))
+            return (cpu() - started) / requests * 1000
+        finally:
+            await api.aclose()
+
+    mock = start_mock(time_scale=0.00001, api_key=KEY, seed=1)
+    try:
+        figures: dict[Transport, list[float]] = {"aiohttp": [], "httpx": []}
+        for _ in range(runs):
+            for kind, values in figures.items():
+                with asyncio.Runner(loop_factory=_event_loop()) as runner:
+                    values.append(runner.run(one_run(kind, mock.url)))
+        print(f"http: CPU-ms per task-result request through ApiClient, {requests} requests, 32 at once")
+        for kind, values in figures.items():
+            shown = ", ".join(f"{v:.3f}" for v in values)
+            print(f"  SEEDANCE_HTTP_TRANSPORT={kind:<8} {statistics.median(values):.3f} ({shown})")
+    finally:
+        mock.stop()
+
+
+def _event_loop() -> Any:
+    """The worker's loop (uvloop) where it is installed."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
-    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account"])
+    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account", "http"])
     parser.add_argument("--alone", action="store_true", help="throughput: the one worker process only")
     args = parser.parse_args()
     if args.only in (None, "throughput"):
@@ -523,6 +581,8 @@ def main() -> None:
         storage(args.runs, 10, 50)
     if args.only in (None, "account"):
         account(args.runs, 100, 5000)
+    if args.only in (None, "http"):
+        http_transports(args.runs, 5000)
 
 
 if __name__ == "__main__":
