@@ -16,6 +16,9 @@ from tests.integration.conftest import Bus, Mock, job, wait_for
 
 # A tier's shortest poll interval under the tests' poll scale (0.001): 0.1 s of real time.
 POLL_MIN = {"default_poll_min_seconds": 100, "default_poll_max_seconds": 200}
+# A state may be polled up to half the shortest delay level (20 ms here) before it is due, and the
+# journal's times are the mock's arrivals (up to ~10 ms of jitter on a busy machine).
+EARLIEST = 0.1 - 0.01 - 0.01
 
 
 def polls_of(mock: Mock, task_id: str) -> list[datetime]:
@@ -40,7 +43,7 @@ async def test_a_gateway_that_does_not_know_a_fresh_task_yet_is_asked_again_unti
     assert final["status"] == "succeeded"
     polls = polls_of(mock, final["task_id"])
     assert len(polls) >= 4, "three refusals, then the result"
-    assert shortest_gap(polls) >= 0.09, "never more than one request per poll interval"
+    assert shortest_gap(polls) >= EARLIEST, "never more than one request per poll interval"
     assert await worker.sample("seedance_api_retries_total", endpoint="task-result", reason="404") == 3
 
 
@@ -56,7 +59,7 @@ async def test_a_task_result_refused_for_good_fails_the_job_with_the_apis_reason
     assert final["task_id"] in {t["task_id"] for t in mock.tasks()}, "the paid task is named"
     polls = polls_of(mock, final["task_id"])
     assert 2 <= len(polls) <= 1.5 / 0.1 + 2, "bounded: back-off from the shortest interval, for 1.5 s"
-    assert shortest_gap(polls) >= 0.09
+    assert shortest_gap(polls) >= EARLIEST
 
 
 async def test_the_refusal_window_ends_at_the_deadline(start_worker, bus: Bus, mock: Mock) -> None:
@@ -85,12 +88,12 @@ async def test_a_maintenance_page_is_polled_again_with_back_off(start_worker, bu
     final = (await bus.wait_terminal(["maintenance-1"]))["maintenance-1"]
     assert final["status"] == "succeeded"
     assert await worker.sample("seedance_api_retries_total", endpoint="task-result", reason="malformed") == 2
-    assert shortest_gap(polls_of(mock, final["task_id"])) >= 0.09
+    assert shortest_gap(polls_of(mock, final["task_id"])) >= EARLIEST
 
 
 async def test_another_tasks_result_is_never_taken_for_a_jobs_own(start_worker, bus: Bus, mock: Mock) -> None:
     worker = await start_worker()
-    mock.faults(task_result=[{"answer": "other_task", "rate": 0.5}])
+    mock.faults(task_result=[{"answer": "other_task", "polls": 1}])  # every task's first poll
     ids = [f"mine-{i}" for i in range(8)]
     await bus.publish_many([job(i) for i in ids])
     finals = await bus.wait_terminal(ids, timeout=60)
@@ -98,7 +101,7 @@ async def test_another_tasks_result_is_never_taken_for_a_jobs_own(start_worker, 
         assert final["status"] == "succeeded"
         assert final["video_url"].endswith(f"/{final['task_id']}.mp4"), "each job gets its own task's video"
     assert len({f["task_id"] for f in finals.values()}) == len(ids)
-    assert await worker.sample("seedance_api_retries_total", endpoint="task-result", reason="wrong_task") > 0
+    assert await worker.sample("seedance_api_retries_total", endpoint="task-result", reason="wrong_task") == len(ids)
 
 
 async def test_a_tracking_state_that_makes_the_worker_fail_is_parked_with_its_task_id(
