@@ -22,3 +22,10 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     import uvloop  # noqa: PLC0415
 
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    """Each transport SEEDANCE_HTTP_TRANSPORT offers, the default first."""
+    kind: str = request.param
+    return kind

@@ -41,19 +41,24 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) ->
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: every server a test started ends so, by its PID."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class MockProcess:
     proc: subprocess.Popen[bytes]
     url: str
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_mock(
@@ -140,13 +145,7 @@ class ForwardProxy:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_forward_proxy(directory: str) -> ForwardProxy:
@@ -197,13 +196,7 @@ class SeaweedFS:
         }
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=10)
 
 
 def weed_binary() -> str:

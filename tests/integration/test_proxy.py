@@ -62,10 +62,9 @@ def mock_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mock
     server.stop()
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
-def transport(request: pytest.FixtureRequest) -> Transport:
-    kind: Transport = request.param
-    return kind
+@pytest.fixture
+def transport(transport_kind: Transport) -> Transport:
+    return transport_kind
 
 
 async def submit_and_poll(transport: Transport, base_url: str) -> None:
@@ -84,10 +83,11 @@ def hostport(url: str) -> str:
     return url.split("://", 1)[1]
 
 
-async def test_an_http_base_url_goes_through_http_proxy(
-    transport: Transport, proxy: ForwardProxy, mock_http: MockThread, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
+async def test_an_http_base_url_goes_through_http_proxy_or_all_proxy(
+    transport: Transport, proxy: ForwardProxy, mock_http: MockThread, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv(variable, proxy.url)
     await submit_and_poll(transport, mock_http.url)
     where = hostport(mock_http.url)
     await wait_for(lambda: f"POST http://{where}{SUBMIT_PATH}" in proxy.log(), what="the submit in the proxy's log")
@@ -101,14 +101,6 @@ async def test_an_https_base_url_is_tunnelled_through_https_proxy(
     await submit_and_poll(transport, mock_https.url)
     await wait_for(lambda: f"CONNECT {hostport(mock_https.url)}" in proxy.log(), what="the tunnel in the proxy's log")
     assert SUBMIT_PATH not in proxy.log(), "the proxy saw only the tunnel, never the request"
-
-
-async def test_all_proxy_serves_when_no_scheme_has_its_own(
-    transport: Transport, proxy: ForwardProxy, mock_http: MockThread, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ALL_PROXY", proxy.url)
-    await submit_and_poll(transport, mock_http.url)
-    await wait_for(lambda: f"POST http://{hostport(mock_http.url)}{SUBMIT_PATH}" in proxy.log(), what="the submit")
 
 
 async def test_no_proxy_excludes_a_host_and_only_that_host(

@@ -41,12 +41,6 @@ def server() -> Iterator[MockThread]:
     mock.stop()
 
 
-@pytest.fixture(params=["httpx", "aiohttp"])
-def transport_kind(request: pytest.FixtureRequest) -> Transport:
-    kind: Transport = request.param
-    return kind
-
-
 @dataclass
 class Client:
     http: httpx.AsyncClient

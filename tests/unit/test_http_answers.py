@@ -85,10 +85,9 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
         await server.wait_closed()
 
 
-@pytest.fixture(params=["httpx", "aiohttp"])
-def transport(request: pytest.FixtureRequest) -> Transport:
-    kind: Transport = request.param
-    return kind
+@pytest.fixture
+def transport(transport_kind: Transport) -> Transport:
+    return transport_kind
 
 
 @pytest.fixture
