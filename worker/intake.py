@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contracts.api import ServiceTier
@@ -40,6 +41,19 @@ class _Feed:
     tier: ServiceTier
     callback: Callback
     tag: str | None = None
+
+    async def lost(self) -> bool:
+        """Whether RabbitMQ cancelled our consumer on its own (its queue deleted, a node lost, a quorum
+        consumer timeout). aiormq only drops the tag from its channel (aiormq#116): ask the channel."""
+        if self.tag is None:
+            return False
+        channel = await self.queue.channel.get_underlay_channel()
+        if not isinstance(channel, aiormq.Channel) or self.tag in channel.consumers:
+            return False
+        tag, self.tag = self.tag, None
+        with contextlib.suppress(Exception):
+            await self.queue.cancel(tag)  # forget it in aio-pika too, so a reconnect does not revive it
+        return True
 
     async def want(self, on: bool) -> None:
         if on and self.tag is None:
@@ -77,6 +91,9 @@ class Intake:
         self._tracking: dict[ServiceTier, _Feed] = {}
         self._store: dict[ServiceTier, _Feed] = {}
         self._leadership = Leadership()
+        self._unconsumed: list[str] = []  # queues meant to be consumed that are not, now
+        self._redeclare = False
+        self._declarer: AbstractChannel | None = None
 
     def wake(self) -> None:
         """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
@@ -84,6 +101,11 @@ class Intake:
 
     def consuming(self) -> list[str]:
         return sorted(feed.queue.name for feed in self._feeds() if feed.tag)
+
+    def unconsumed(self) -> list[str]:
+        """Queues this replica means to consume but does not (a consumer RabbitMQ cancelled, not yet
+        restored): the worker is not ready while there are any."""
+        return list(self._unconsumed)
 
     def _feeds(self) -> list[_Feed]:
         return [*self._jobs.values(), *self._tracking.values(), *self._store.values()]
@@ -102,6 +124,7 @@ class Intake:
             await store.set_qos(prefetch_count=self._settings.storage_concurrency)
             self._store[tier] = _Feed(await store.get_queue(topology.store_queue(tier)), tier, consumer.on_store)
         counter = await connection.channel()
+        self._declarer = await connection.channel()
         # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
         # make aiormq close its channel with a warning).
         await asyncio.gather(self._supervise(), self._recount(connection, counter, consumer))
@@ -112,8 +135,31 @@ class Intake:
             with contextlib.suppress(Exception):
                 await feed.want(False)
 
+    async def _restore_if_lost(self, feed: _Feed) -> None:
+        """A consumer RabbitMQ cancelled is consumed again this round, after declaring the topology again
+        (the queue may have been deleted: declaring is idempotent)."""
+        try:
+            lost = await feed.lost()
+        except Exception:
+            log.debug("cannot check the consumer of %s", feed.queue.name, exc_info=True)
+            return
+        if lost:
+            self._metrics.consumers_cancelled.labels(feed.queue.name).inc()
+            log.warning(
+                "RabbitMQ cancelled the consumer of %s (queue deleted, node lost or consumer timeout): restoring it",
+                feed.queue.name,
+            )
+            self._redeclare = True
+        if self._redeclare and self._declarer is not None:
+            try:
+                await topology.declare(self._declarer, self._settings)
+                self._redeclare = False
+            except Exception as exc:
+                log.warning("cannot declare the topology again (%s); next round tries again", exc)
+
     async def _supervise(self) -> None:
         while not self._stopping.is_set():
+            unconsumed: list[str] = []
             api_ok = self._api_access.ok
             store_ok = self._store_access is None or self._store_access.ok
             for tier in TIERS:
@@ -123,10 +169,16 @@ class Intake:
                 self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
                 wanted = ((self._jobs[tier], open_), (self._tracking[tier], api_ok), (self._store[tier], store_ok))
                 for feed, on in wanted:
+                    await self._restore_if_lost(feed)
                     try:
                         await feed.want(on)
-                    except Exception:
-                        log.debug("consumer change on %s failed; next round retries", feed.queue.name, exc_info=True)
+                    except Exception as exc:
+                        log.warning("cannot consume %s (%s); next round tries again", feed.queue.name, exc)
+                        log.debug("why", exc_info=True)
+                        self._redeclare = True
+                    if on and feed.tag is None:
+                        unconsumed.append(feed.queue.name)
+            self._unconsumed = unconsumed
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._settings.in_flight_refresh_seconds)

@@ -248,6 +248,15 @@ class Metrics:
             "0 while the video store refuses this worker's credentials (1 without a store).",
             registry=registry,
         )
+        self.consumers_cancelled = Family(
+            Counter(
+                "seedance_consumers_cancelled",
+                "Consumers RabbitMQ cancelled on its own (queue deleted, node lost, consumer timeout), each "
+                "restored by the worker.",
+                ["queue"],
+                registry=registry,
+            )
+        )
         self.unknown_task_status = Family(
             Counter(
                 "seedance_task_status_unknown",

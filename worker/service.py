@@ -77,7 +77,10 @@ class Service:
         """What /readyz reports: ready when connected, declared, accepted by the API and not stopping."""
         api_ok = self._api_access.ok
         store_ok = self._store_access is None or self._store_access.ok
-        ready = self.declared and self.connected and api_ok and store_ok and not self._stopping.is_set()
+        unconsumed = self._intake.unconsumed()
+        ready = (
+            self.declared and self.connected and api_ok and store_ok and not unconsumed and not self._stopping.is_set()
+        )
         self._metrics.worker_ready.set(1 if ready else 0)
         return {
             "ready": ready,
@@ -88,6 +91,7 @@ class Service:
             "storage_access_ok": store_ok,
             "stopping": self._stopping.is_set(),
             "consuming": self._intake.consuming(),
+            "not_consumed": unconsumed,
         }
 
     async def run(self) -> None:

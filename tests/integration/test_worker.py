@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import pytest
 
 from contracts.messages import DEAD_LETTER_QUEUE
@@ -355,3 +356,27 @@ async def _at_least(sample: Awaitable[float], expected: float) -> bool:
 
 async def _status(worker: RunningWorker, status: int) -> bool:
     return (await worker.readyz()).status_code == status
+
+
+@pytest.mark.parametrize("queue", ["seedance.tracking.default", "seedance.jobs.default"])
+async def test_a_consumer_the_broker_cancels_is_restored(start_worker, bus: Bus, mock: Mock, queue: str) -> None:
+    """Deleting a consumed queue makes RabbitMQ cancel its consumer (as a node loss or a quorum consumer
+    timeout does): the worker notices, declares the queue again and consumes it, and jobs go on."""
+    worker = await start_worker()
+    await bus.publish(job("before-1"))
+    assert (await bus.wait_terminal(["before-1"]))["before-1"]["status"] == "succeeded"
+    raw = await bus.channel.get_underlay_channel()
+    await raw.queue_delete(queue)
+    await wait_for(lambda: _consumed(bus, queue), what="the queue declared and consumed again")
+    assert await worker.sample("seedance_consumers_cancelled_total", queue=queue) == 1
+    await wait_for(lambda: _status(worker, 200), what="ready again")
+    assert queue in (await worker.readyz()).json()["consuming"]
+    await bus.publish(job("after-1"))
+    assert (await bus.wait_terminal(["after-1"]))["after-1"]["status"] == "succeeded"
+
+
+async def _consumed(bus: Bus, queue: str) -> bool:
+    try:
+        return await bus.consumers(queue) == 1
+    except aio_pika.exceptions.ChannelClosed:  # not declared again yet (the robust channel reopens)
+        return False
