@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from worker.settings import Settings
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
+
+RECOUNT_REMIND_SECONDS = 60.0
 
 Callback = Callable[[ServiceTier, AbstractIncomingMessage], Awaitable[None]]
 
@@ -192,6 +195,7 @@ class Intake:
         The queues are read in the direction messages flow (delay queues, then the tracking queue, then
         the deliveries in hand), so a message moving during the count is seen twice rather than missed.
         """
+        said: tuple[str, float] | None = None
         while not self._stopping.is_set():
             try:
                 leader = await self._leadership.claim(connection)
@@ -217,6 +221,13 @@ class Intake:
                     declared = await raw.queue_declare(name, passive=True)
                     self._metrics.queue_messages.labels(name).set(declared.message_count or 0)
                 self._wake.set()
-            except Exception:
-                log.debug("in-flight recount failed; next round retries", exc_info=True)
+                said = None
+            except Exception as exc:
+                # A missing queue, a node down: the limits then rest on stale counts. Said at warning, once
+                # per kind of failure and then every minute, not every round.
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if said is None or said[0] != why or time.monotonic() - said[1] >= RECOUNT_REMIND_SECONDS:
+                    log.warning("the recount of tasks in flight failed (%s); next round retries", why)
+                    said = (why, time.monotonic())
+                log.debug("why", exc_info=True)
             await self._stopping.sleep(self._settings.in_flight_refresh_seconds)
