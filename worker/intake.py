@@ -223,6 +223,8 @@ class Intake:
                 self._wake.set()
                 said = None
             except Exception as exc:
+                if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                    self._redeclare = True  # a queue was deleted: the supervisor declares them all again
                 # A missing queue, a node down: the limits then rest on stale counts. Said at warning, once
                 # per kind of failure and then every minute, not every round.
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -380,3 +380,24 @@ async def _consumed(bus: Bus, queue: str) -> bool:
         return await bus.consumers(queue) == 1
     except aio_pika.exceptions.ChannelClosed:  # not declared again yet (the robust channel reopens)
         return False
+
+
+async def test_a_deleted_delay_queue_is_reported_and_declared_again(
+    start_worker, bus: Bus, mock: Mock, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = await start_worker()
+    raw = await bus.channel.get_underlay_channel()
+    await raw.queue_delete("seedance.tracking.default.delay.1000ms")  # counted, never consumed
+    await wait_for(lambda: _declared(bus, "seedance.tracking.default.delay.1000ms"), what="the queue back")
+    assert "the recount of tasks in flight failed (ChannelNotFoundEntity" in caplog.text
+    await bus.publish(job("after-delete-1"))
+    assert (await bus.wait_terminal(["after-delete-1"]))["after-delete-1"]["status"] == "succeeded"
+    assert (await worker.readyz()).status_code == 200
+
+
+async def _declared(bus: Bus, queue: str) -> bool:
+    try:
+        await bus.queue_depth(queue)
+    except aio_pika.exceptions.ChannelClosed:
+        return False
+    return True
