@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
 from worker.backoff import backoff_delay
 from worker.errors import ApiError, TransientApiError
+from worker.logs import Repeats
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Access:
         self.on_change = on_change
         self.ok = not checked_at_start
         self.problem: str | None = "not checked yet" if checked_at_start else None
-        self._said: tuple[str, float] | None = None  # the last problem logged, and when
+        self._repeats = Repeats(REMIND_SECONDS)
         self._gauge.set(1 if self.ok else 0)
         self._probe: asyncio.Task[None] | None = None
 
@@ -77,14 +77,11 @@ class Access:
     def _say(self, why: str, *, first: int, verb: str = "refuses this worker's access") -> None:
         """Log a problem once, then at most every REMIND_SECONDS while it lasts unchanged."""
         self.problem = why
-        now = time.monotonic()
-        if self._said is None or self._said[0] != why:
+        news = self._repeats.news(why)
+        if news:
             log.log(first, "%s %s (%s): no jobs taken until it accepts the worker", self.service, verb, why)
-        elif now - self._said[1] >= REMIND_SECONDS:
+        elif news is False:
             log.warning("%s still %s (%s)", self.service, verb, why)
-        else:
-            return
-        self._said = (why, now)
 
     async def _until_accepted(self, *, first_at_once: bool) -> None:
         attempt = 0
@@ -102,11 +99,10 @@ class Access:
             except Exception as exc:
                 self._say(_why(exc), first=logging.ERROR)
                 continue
-            if self._said is not None:
+            if self._repeats.clear():
                 log.warning("%s accepts this worker's access again: taking jobs", self.service)
             else:
                 log.info("%s accepts this worker's access", self.service)
-            self._said = None
             self.problem = None
             self.ok = True
             self._gauge.set(1)

@@ -165,22 +165,16 @@ class Consumer:
                 extra=ids,
             )
             log.debug("the failure", exc_info=exc)
-            headers = {FAILURES_HEADER: failures}
+            stamp = message.timestamp
             if kind == "job":
                 # Jobs have no delay queues: the delivery is held for the back-off, then goes back.
                 waited = True
                 if not await self._pause(delay):
                     await _safely(message.nack(requeue=True))
                     return
-                stamp = message.timestamp or datetime.now(UTC)  # the deadline must not move with the retry
-                await self._publisher.republish(message, topology.job_queue(tier), headers, stamp)
-            elif kind == "tracking":
-                level = pick_delay_level(self._tracking_delays_ms, delay)
-                await self._publisher.republish(message, topology.delay_queue(tier, level), headers, message.timestamp)
-            else:
-                level = pick_delay_level(topology.STORE_DELAYS_MS, delay)
-                queue = topology.store_delay_queue(tier, level)
-                await self._publisher.republish(message, queue, headers, message.timestamp)
+                stamp = stamp or datetime.now(UTC)  # the deadline must not move with the retry
+            queue = self._retry_queue(kind, tier, delay)
+            await self._publisher.republish(message, queue, {FAILURES_HEADER: failures}, stamp)
             await message.ack()
         except Exception:
             # The broker itself fails us: the delivery goes back as it is, but only after the back-off.
@@ -190,15 +184,18 @@ class Consumer:
                 await self._pause(delay)
             await _safely(message.nack(requeue=True))
 
+    def _retry_queue(self, kind: Kind, tier: ServiceTier, delay: float) -> str:
+        """Where a failed delivery goes back: its job queue, or the delay queue of its stage nearest `delay`."""
+        if kind == "job":
+            return topology.job_queue(tier)
+        if kind == "tracking":
+            return topology.delay_queue(tier, pick_delay_level(self._tracking_delays_ms, delay))
+        return topology.store_delay_queue(tier, pick_delay_level(topology.STORE_DELAYS_MS, delay))
+
     async def _park(self, kind: Kind, message: Received, failures: int, why: str, state: TrackingState | None) -> None:
-        headers: dict[str, Any] = {
-            "x-seedance-reason": f"handler_error: {kind} delivery failed {failures} times; last: {why}"[:2000],
-            "x-seedance-reason-code": "handler_error",
-            "x-seedance-routing-key": message.routing_key or "",
-            "x-seedance-rejected-at": datetime.now(UTC).isoformat(),
-            "x-seedance-kind": kind,
-            FAILURES_HEADER: failures,
-        }
+        reason = f"handler_error: {kind} delivery failed {failures} times; last: {why}"
+        headers = _dead_letter_headers("handler_error", reason, message)
+        headers.update({"x-seedance-kind": kind, FAILURES_HEADER: failures})
         if state is not None:
             headers["x-seedance-job-id"] = state.job_id
             headers["x-seedance-task-id"] = state.task_id or ""
@@ -264,12 +261,7 @@ class Consumer:
 
     async def _reject(self, outcome: Reject, message: Received, tier: ServiceTier) -> None:
         error = outcome.error
-        headers = {
-            "x-seedance-reason": f"{error.reason}: {error.message}"[:2000],
-            "x-seedance-reason-code": error.reason,
-            "x-seedance-routing-key": message.routing_key or "",
-            "x-seedance-rejected-at": datetime.now(UTC).isoformat(),
-        }
+        headers = _dead_letter_headers(error.reason, f"{error.reason}: {error.message}", message)
         await self._publisher.republish(message, DEAD_LETTER_QUEUE, headers, message.timestamp)
         if outcome.event is not None:
             await self._publisher.event(outcome.event, message.reply_to, message.correlation_id)
@@ -319,6 +311,16 @@ def _delivery(message: Received, tier: ServiceTier) -> Delivery:
         attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0,
         redelivered=bool(message.redelivered),
     )
+
+
+def _dead_letter_headers(code: str, reason: str, message: Received) -> dict[str, Any]:
+    """The headers every message put into seedance.jobs.dead carries (see the README)."""
+    return {
+        "x-seedance-reason": reason[:2000],
+        "x-seedance-reason-code": code,
+        "x-seedance-routing-key": message.routing_key or "",
+        "x-seedance-rejected-at": datetime.now(UTC).isoformat(),
+    }
 
 
 def _failures(message: Received) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from worker import topology
 from worker.access import Access
 from worker.consumer import Consumer
 from worker.limits import Leadership, TierLimits
+from worker.logs import Repeats
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
@@ -195,7 +195,7 @@ class Intake:
         The queues are read in the direction messages flow (delay queues, then the tracking queue, then
         the deliveries in hand), so a message moving during the count is seen twice rather than missed.
         """
-        said: tuple[str, float] | None = None
+        repeats = Repeats(RECOUNT_REMIND_SECONDS)
         while not self._stopping.is_set():
             try:
                 leader = await self._leadership.claim(connection)
@@ -221,15 +221,14 @@ class Intake:
                     declared = await raw.queue_declare(name, passive=True)
                     self._metrics.queue_messages.labels(name).set(declared.message_count or 0)
                 self._wake.set()
-                said = None
+                repeats.clear()
             except Exception as exc:
                 if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
                     self._redeclare = True  # a queue was deleted: the supervisor declares them all again
                 # A missing queue, a node down: the limits then rest on stale counts. Said at warning, once
                 # per kind of failure and then every minute, not every round.
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"
-                if said is None or said[0] != why or time.monotonic() - said[1] >= RECOUNT_REMIND_SECONDS:
+                if repeats.news(why) is not None:
                     log.warning("the recount of tasks in flight failed (%s); next round retries", why)
-                    said = (why, time.monotonic())
                 log.debug("why", exc_info=True)
             await self._stopping.sleep(self._settings.in_flight_refresh_seconds)

@@ -7,9 +7,35 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 FIELDS = ("job_id", "task_id", "tier", "tiers")
+
+
+class Repeats:
+    """Says a lasting problem once, again when it changes, and otherwise at most every `remind_seconds`:
+    a check that fails every second must not write a line every second."""
+
+    def __init__(self, remind_seconds: float) -> None:
+        self._remind = remind_seconds
+        self._said: tuple[str, float] | None = None  # the last problem said, and when
+
+    def news(self, problem: str) -> bool | None:
+        """True when `problem` is new (say it), False when it is due a reminder, None when it goes unsaid."""
+        now = time.monotonic()
+        if self._said is None or self._said[0] != problem:
+            self._said = (problem, now)
+            return True
+        if now - self._said[1] >= self._remind:
+            self._said = (problem, now)
+            return False
+        return None
+
+    def clear(self) -> bool:
+        """The problem is over; True when one had been said."""
+        said, self._said = self._said is not None, None
+        return said
 
 
 class JsonFormatter(logging.Formatter):
