@@ -77,7 +77,8 @@ class ApiClient:
     """Calls the two endpoints with the current key, through an `httpx.AsyncClient` (worker.http_clients
     builds the worker's; tests pass one over `mock_server.testing.InProcessTransport`, respx or a socket).
 
-    `api_key` is asked on every call, so a rotated key file takes effect without a restart. Every request
+    `api_key` is asked at every access check (at start-up, and after each refusal) and while no key is
+    known, never per request: a rotated key file takes effect when the API refuses the old key. Every request
     is bounded as a whole by `total_seconds` besides the client's per-phase timeouts: a body that trickles
     in a byte at a time never holds a job.
     """
@@ -96,6 +97,7 @@ class ApiClient:
         self._submit_url = base.join(SUBMIT_PATH)
         self._result_url = str(base.join(TASK_RESULT_PATH))
         self._api_key = api_key
+        self._key: str | None = None  # as last read; read again by check_access()
         self._metrics = metrics
         self._total = total_seconds
         self._model_missing = False
@@ -137,6 +139,7 @@ class ApiClient:
         itself) means the key was accepted, 401/403 that it was not. Nothing is created, nothing billed.
         After a submit found the model missing, an empty submit checks the model as well (400: it exists).
         """
+        self._key = self._api_key()  # a rotated key file is read here
         with contextlib.suppress(PermanentApiError):
             await self._send("task-result", "GET", httpx.URL(f"{self._result_url}?task_id={ACCESS_PROBE_TASK_ID}"))
         if self._model_missing:
@@ -148,7 +151,9 @@ class ApiClient:
         await self._client.aclose()
 
     async def _send(self, endpoint: str, method: str, url: httpx.URL, body: bytes | None = None) -> httpx.Response:
-        key = self._api_key()
+        key = self._key
+        if key is None:
+            key = self._key = self._api_key()
         if not key:
             raise ConfigurationFault(
                 endpoint, "no API key configured (set SEEDANCE_API_KEY or SEEDANCE_API_KEY_FILE)", reason="NO_API_KEY"

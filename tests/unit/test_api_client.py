@@ -212,3 +212,19 @@ async def test_the_mock_mounts_under_respx_at_the_real_base_url() -> None:
         await caller.aclose()
     assert route.call_count == 2
     assert [r.endpoint for r in app.state.journal] == ["submit", "task-result"]
+
+
+async def test_the_key_is_read_once_and_again_at_each_access_check(client: httpx.AsyncBaseTransport) -> None:
+    reads: list[str] = []
+
+    def key() -> str:
+        reads.append("read")
+        return "right"
+
+    caller = ApiClient(httpx.AsyncClient(transport=client), "http://mock", key, Metrics(CollectorRegistry()))
+    task_id = await caller.submit(REQUEST)
+    for _ in range(5):
+        await caller.task_result(task_id)
+    assert len(reads) == 1, "no file read per request"
+    await caller.check_access()
+    assert len(reads) == 2, "a rotated key file is read at the check that follows a refusal"
