@@ -82,6 +82,8 @@ class SubmitRequest(BaseModel):
 
 # The cheapest request there is (480p, 4 s): a token budget below this admits no job at all.
 MIN_TOKENS = FRAME_PIXELS["480p"] * (24 * 4 + 1) // 1024
+# The dearest (1080p, 12 s).
+MAX_TOKENS = FRAME_PIXELS["1080p"] * (24 * 12 + 1) // 1024
 
 
 class SubmitResponse(BaseModel):

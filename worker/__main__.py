@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
+from contracts.brokers import redact
 from contracts.commandline import OneLineParser
 from worker.access import Access
 from worker.api_client import ApiClient
-from worker.cli import redact
 from worker.errors import StorageError
 from worker.handler import JobHandler
 from worker.health import HealthServer

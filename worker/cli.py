@@ -14,17 +14,17 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from contracts import validation_message
+from contracts.brokers import BrokerUrlError, broker_urls, connect_first, describe_failure, redact, vhost
 from contracts.commandline import OneLineParser
 from contracts.images import ImageError, to_data_uri
 from contracts.messages import EVENT_STATUSES, EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES, JobMessage
-from worker.service import broker_error
 
 DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("SEEDANCE_AMQP_URL", DEFAULT_AMQP),
-        help="RabbitMQ URL (default: $SEEDANCE_AMQP_URL or amqp://guest:guest@localhost:5672/)",
+        help="RabbitMQ URL, or several URLs of one cluster separated by commas "
+        "(default: $SEEDANCE_AMQP_URL or amqp://guest:guest@localhost:5672/)",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -139,14 +140,6 @@ def build_job(args: argparse.Namespace) -> JobMessage:
         raise UsageError(f"invalid job: {validation_message(exc)}") from None
 
 
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 async def _follow(channel: AbstractChannel, statuses: list[str] | None) -> AbstractQueue:
     exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -163,7 +156,7 @@ def _print(body: bytes) -> dict[str, Any]:
 
 async def enqueue(args: argparse.Namespace) -> int:
     job = build_job(args)
-    connection = await aio_pika.connect(args.amqp_url)
+    connection = await connect_first(broker_urls(args.amqp_url))
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue = await _follow(channel, None) if args.wait else None
@@ -231,7 +224,7 @@ def _ago(seconds: float) -> str:
 
 
 async def events(args: argparse.Namespace) -> int:
-    connection = await aio_pika.connect(args.amqp_url)
+    connection = await connect_first(broker_urls(args.amqp_url))
     async with connection:
         channel = await connection.channel()
         queue = await _follow(channel, args.status)
@@ -255,13 +248,10 @@ async def events(args: argparse.Namespace) -> int:
 
 
 def _check_amqp_url(url: str) -> None:
-    parts = urlsplit(url)
     try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname or not port_ok:
-        raise UsageError("--amqp-url (or SEEDANCE_AMQP_URL) must look like amqp://user:password@host:5672/vhost")
+        broker_urls(url)
+    except BrokerUrlError as exc:
+        raise UsageError(f"--amqp-url (or SEEDANCE_AMQP_URL) {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,8 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seedance: error: {exc}", file=sys.stderr)
         code = 2
     except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
-        vhost = unquote(urlsplit(args.amqp_url).path[1:]) or "/"
-        print(f"seedance: {broker_error(exc, vhost)} (at {redact(args.amqp_url)})", file=sys.stderr)
+        print(f"seedance: {describe_failure(exc, vhost(args.amqp_url))} (at {redact(args.amqp_url)})", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -72,11 +72,32 @@ class Consumer:
         # The delivery tasks in hand, so shutdown can wait for them (and cancel them past its timeout).
         self._handling: set[asyncio.Task[Any]] = set()
         self._tracking_in_hand: dict[ServiceTier, int] = dict.fromkeys(TIERS, 0)
+        self._jobs_in_hand: dict[ServiceTier, int] = dict.fromkeys(TIERS, 0)
+        self._settled: dict[ServiceTier, asyncio.Event] = {tier: asyncio.Event() for tier in TIERS}
         self._counts: Counter[str] = Counter()
 
     def tracking_in_hand(self, tier: ServiceTier) -> int:
         """Tracking deliveries of the tier this replica holds now (the broker's count misses them)."""
         return self._tracking_in_hand[tier]
+
+    def jobs_in_hand(self, tier: ServiceTier) -> int:
+        return self._jobs_in_hand[tier]
+
+    async def hand_back(self, tier: ServiceTier, within: float) -> int:
+        """Right after a tier's consumer was cancelled: jobs of the tier that still arrived and wait for a
+        limit go back to their queue now (the handler returns them), and this waits up to `within`
+        seconds for every job delivery of the tier in hand to be settled. RabbitMQ 3.10 can strand the
+        unacknowledged deliveries of a cancelled quorum consumer whose channel's node then dies.
+        Returns how many were still in hand."""
+        self._handler.release(tier, True)
+        try:
+            if self._jobs_in_hand[tier]:
+                settled = self._settled[tier] = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), within)
+            return self._jobs_in_hand[tier]
+        finally:
+            self._handler.release(tier, False)
 
     @property
     def busy(self) -> int:
@@ -91,6 +112,15 @@ class Consumer:
         return f"{counts['received']} jobs received, {counts['submitted']} submitted, {ended}"
 
     async def on_job(self, tier: ServiceTier, message: Received) -> None:
+        self._jobs_in_hand[tier] += 1
+        try:
+            await self._on_job(tier, message)
+        finally:
+            self._jobs_in_hand[tier] -= 1
+            if not self._jobs_in_hand[tier]:
+                self._settled[tier].set()
+
+    async def _on_job(self, tier: ServiceTier, message: Received) -> None:
         with self._in_hand():
             self._counts["received"] += 1
             self._metrics.jobs_received.labels(tier).inc()

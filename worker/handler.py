@@ -45,7 +45,7 @@ from worker.errors import (
     TransientApiError,
     VideoGone,
 )
-from worker.limits import TierLimits
+from worker.limits import PermitsUnreachable, TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
@@ -129,6 +129,15 @@ class JobHandler:
         self._stopping = stopping
         self._schedule = PollSchedule(settings)
         self._clock = clock
+        self._released: set[ServiceTier] = set()
+
+    def release(self, tier: ServiceTier, on: bool) -> None:
+        """While on, jobs of `tier` waiting for a limit go back to their queue at once (its consumer is
+        about to be cancelled: see Consumer.hand_back)."""
+        if on:
+            self._released.add(tier)
+        else:
+            self._released.discard(tier)
 
     # Jobs
     def read(self, delivery: Delivery) -> tuple[JobMessage, TrackingState]:
@@ -192,6 +201,8 @@ class JobHandler:
             now = self._clock()
             if now >= state.deadline:
                 return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
+            if state.tier in self._released:
+                return Defer("its tier paused", state.created_at, state.attempts)
             wait = 0.0
             try:
                 async with limits.slot(state.tokens) as slot:
@@ -202,7 +213,7 @@ class JobHandler:
                     slot.keep()
                 return self._submitted(state, task_id)
             except LimitReached as full:
-                if held + full.wait > settings.max_hold_seconds:
+                if held + full.wait > settings.max_hold_seconds or state.tier in self._released:
                     return Defer(f"{full.limit} limit reached", state.created_at, state.attempts)
                 wait = min(full.wait, settings.in_flight_refresh_seconds)
             except RateLimited as exc:
@@ -247,6 +258,8 @@ class JobHandler:
                 return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
             if not await self._stopping.sleep(wait):
                 return Defer("worker stopping", state.created_at, state.attempts)
+            if state.tier in self._released:
+                return Defer("its tier paused", state.created_at, state.attempts)
             held += wait
 
     def _submitted(self, state: TrackingState, task_id: str) -> Track:
@@ -270,7 +283,12 @@ class JobHandler:
             return Track(state, 0.0)
         outcome = await self._poll(state)
         if isinstance(outcome, Finish) or outcome.state.stage == "store":
-            await self._limits[state.tier].task_ended()
+            try:
+                await self._limits[state.tier].task_ended()
+            except PermitsUnreachable as exc:
+                # The task's end is recorded all the same; the leader puts the slot back once the broker
+                # answers again (a slot missing for a whole window), so nothing is polled again for it.
+                log.warning("could not free the running slot of an ended task (%s)", exc, extra=_ids(state))
         return outcome
 
     async def _poll(self, state: TrackingState) -> Track | Finish:

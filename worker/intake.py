@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from contracts.messages import DEAD_LETTER_QUEUE, TIERS
 from worker import topology
 from worker.access import Access
 from worker.consumer import Consumer
-from worker.limits import Leadership, TierLimits
+from worker.leader import Leadership
+from worker.limits import TierLimits
 from worker.logs import Repeats
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -32,6 +34,7 @@ from worker.stopping import Stopping
 log = logging.getLogger(__name__)
 
 RECOUNT_REMIND_SECONDS = 60.0
+HAND_BACK_SECONDS = 5.0  # a paused tier's jobs in hand are settled before its consumer is cancelled
 
 Callback = Callable[[ServiceTier, AbstractIncomingMessage], Awaitable[None]]
 
@@ -58,7 +61,7 @@ class _Feed:
             await self.queue.cancel(tag)  # forget it in aio-pika too, so a reconnect does not revive it
         return True
 
-    async def want(self, on: bool) -> None:
+    async def want(self, on: bool, hand_back: HandBack | None = None) -> None:
         if on and self.tag is None:
             tier, callback = self.tier, self.callback
 
@@ -68,9 +71,26 @@ class _Feed:
             self.tag = await self.queue.consume(deliver)
             log.info("consuming %s", self.queue.name)
         elif not on and self.tag is not None:
+            # RabbitMQ 3.10 can strand the unacknowledged deliveries of a cancelled quorum consumer whose
+            # channel's node then dies: a job consumer is never cancelled while it holds any.
+            if hand_back is not None and hand_back.release:
+                await hand_back.settle()  # the jobs in hand go back to the queue now, untried
+            elif hand_back is not None and hand_back.in_hand():
+                return  # jobs held for a limit: each is submitted or back in the queue within the hold limit
             tag, self.tag = self.tag, None
             await self.queue.cancel(tag)
+            if hand_back is not None:
+                await hand_back.settle()  # deliveries already on their way when the cancel went out
             log.info("paused %s", self.queue.name)
+
+
+@dataclass
+class HandBack:
+    """What a job feed asks the consumer before and after its consumer is cancelled."""
+
+    in_hand: Callable[[], int]
+    settle: Callable[[], Awaitable[object]]
+    release: bool  # pausing for a refusal (not a limit): jobs in hand go back at once, untried
 
 
 class Intake:
@@ -97,6 +117,7 @@ class Intake:
         self._unconsumed: list[str] = []  # queues meant to be consumed that are not, now
         self._redeclare = False
         self._declarer: AbstractChannel | None = None
+        self._consumer: Consumer | None = None
 
     def wake(self) -> None:
         """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
@@ -126,11 +147,15 @@ class Intake:
             store = await connection.channel()
             await store.set_qos(prefetch_count=self._settings.storage_concurrency)
             self._store[tier] = _Feed(await store.get_queue(topology.store_queue(tier)), tier, consumer.on_store)
+        self._consumer = consumer
         counter = await connection.channel()
         self._declarer = await connection.channel()
         # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
         # make aiormq close its channel with a warning).
-        await asyncio.gather(self._supervise(), self._recount(connection, counter, consumer))
+        try:
+            await asyncio.gather(self._supervise(), self._recount(connection, counter, consumer))
+        finally:
+            await self._leadership.close()
 
     async def close(self) -> None:
         """Stop consuming everything (deliveries in hand carry on)."""
@@ -166,15 +191,25 @@ class Intake:
             api_ok = self._api_access.ok
             store_ok = self._store_access is None or self._store_access.ok
             for tier in TIERS:
-                # Open only while no limit of the tier was found full just now: jobs wait in RabbitMQ,
-                # not in this replica's hands.
-                open_ = api_ok and store_ok and self._limits[tier].wait_time() == 0
+                # Open only while no limit of the tier was found full (or unreachable) just now: jobs wait
+                # in RabbitMQ, not in this replica's hands.
+                limits = self._limits[tier]
+                open_ = api_ok and store_ok and limits.wait_time() == 0
                 self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
+                self._metrics.permits_unreachable.labels(tier).set(0 if limits.unreachable is None else 1)
                 wanted = ((self._jobs[tier], open_), (self._tracking[tier], api_ok), (self._store[tier], store_ok))
                 for feed, on in wanted:
                     await self._restore_if_lost(feed)
+                    hand_back = None
+                    if feed is self._jobs[tier] and self._consumer is not None:
+                        consumer = self._consumer
+                        hand_back = HandBack(
+                            functools.partial(consumer.jobs_in_hand, tier),
+                            functools.partial(consumer.hand_back, tier, HAND_BACK_SECONDS),
+                            release=not (api_ok and store_ok),
+                        )
                     try:
-                        await feed.want(on)
+                        await feed.want(on, hand_back)
                     except Exception as exc:
                         log.warning("cannot consume %s (%s); next round tries again", feed.queue.name, exc)
                         log.debug("why", exc_info=True)
@@ -203,6 +238,9 @@ class Intake:
                 raw = await channel.get_underlay_channel()
                 for tier in TIERS:
                     limits = self._limits[tier]
+                    await limits.check()
+                    if limits.unreachable is not None:
+                        continue  # said by the limits themselves; the other tier is counted all the same
                     total = 0
                     for name in reversed(topology.tracking_queues(tier, self._settings)):
                         declared = await raw.queue_declare(name, passive=True)

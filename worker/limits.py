@@ -2,57 +2,72 @@
 together they stay within `SEEDANCE_<TIER>_RPM`, `_MAX_IN_FLIGHT` and `_DAILY_TOKENS`, with no setting that
 depends on how many there are.
 
-Each quota is a classic queue whose length limit is the quota, with `x-overflow: reject-publish`: a
-message the broker confirms is a permit, one it nacks means "full" (classic queues count exactly; quorum
-queues do not enforce a length limit exactly under concurrent publishes, so they are not used here):
+Quotas live in quorum queues, so they survive the loss of any one node of a cluster. A quorum queue's
+length limit is not exact under concurrent publishes (measured on RabbitMQ 3.10: 36 messages over a limit
+of 4 with three publishers), so running slots and requests per minute are *pools of free permits* that
+replicas take with `basic.get`: the broker hands each message to one taker only, which is exact however
+many replicas take at once.
 
-- requests per minute, `seedance.limits.<tier>.rpm.<N>.61000ms`: one message per submit, with a TTL of a
-  minute (and a second, see `rpm_ttl_ms`). The queue holds the account's submits of the last minute and
-  never more than N: a sliding window, exact for all replicas, that no crash can leave full (permits are
-  never consumed: they expire).
-- running slots, `seedance.limits.<tier>.slots.<N + ahead>`: one message per task, from its submit to
-  its end (whoever sees the task end takes one message off). N is the API's running limit; `ahead`
+- running slots, `seedance.permits.<tier>.slots.<N + ahead>`: one message per free slot. A submit takes
+  one; whoever sees the task end puts one back. N is the API's running limit; `ahead`
   (`SEEDANCE_<TIER>_QUEUE_AHEAD`) more tasks may wait in the API's own queue, so a slot that frees upstream
   is taken at once, between two of our polls.
-- tokens per UTC day, `seedance.limits.<tier>.tokens.<day>.<budget>`: one message per submit whose body
-  is the request's tokens in units of `token_unit(budget)` (rounded up, so never over the budget), under
-  `x-max-length-bytes`; a new queue each day (the old ones expire).
+- requests per minute, `seedance.permits.<tier>.rpm.<N>`: one message per request the account may still
+  make. A submit takes one and puts a message into `....rpm.<N>.used.<ttl>ms`, whose TTL (a minute and a
+  little, see `rpm_ttl_ms`) dead-letters it back into the pool: a sliding window, for all replicas.
+- tokens per UTC day, `seedance.permits.<tier>.tokens.<day>.<budget>`: one message per submit whose body
+  is the request's tokens in units of `token_unit(budget)` (rounded up), under `x-max-length-bytes` with
+  reject-publish; a new queue each day (the old ones expire). This is the one quota that takes permits by
+  publishing: a quorum queue refuses a publish only once it is already over its limit, so the limit is the
+  budget less the largest request there is (up to that much of a day's budget may go unused), and
+  concurrent submits of several replicas may still pass the budget by a few requests (the API answers those
+  429, which backs the tier off). Splitting a day's budget into messages to take would cost hundreds of
+  gets per submit.
 
-A replica that dies between taking a slot and recording its task leaves a permit nobody will take off; a
-task whose end is handled twice (a crash between the two) takes one off too many. One replica at a time,
-the leader (holder of the exclusive queue `seedance.limits.leader`), reconciles: with fewer permits than
-tasks in flight for three counts running it adds the difference; with more, for a whole window while the
-tier was full, it removes them (permits of submits in progress exist only for one API request).
+A pool is filled by the replica that declares it first. A replica that dies between taking a slot and
+recording its task takes a permit away for good; a task whose end is handled twice puts one back too
+many. One replica at a time, the leader (see worker.leader), reconciles: with more free permits than the
+quota leaves for three counts running it takes the difference off; with fewer for a whole window, it adds
+them (permits of submits in progress are missing only for one API request).
 
-The queue names carry the quota: changing a setting starts a fresh queue (RabbitMQ refuses to change a
-queue's arguments), which the reconciliation fills with the running tasks within a few seconds.
+The queue names carry the quota: changing a setting starts a fresh pool, full, which the reconciliation
+brings down to what the running tasks leave within a few seconds. Any broker failure while taking permits
+(a node down, the connection being restored) is "no permit now": the tier waits, its jobs go nowhere, and
+`/readyz` says the permits are unreachable until they answer again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.api import ServiceTier
+from contracts.api import MAX_TOKENS, ServiceTier
+from worker import topology
 from worker.errors import LimitReached
+from worker.logs import Repeats
 from worker.settings import TierSettings
 
 log = logging.getLogger(__name__)
 
-LEADER_QUEUE = "seedance.limits.leader"
 PROBE_SECONDS = 0.2  # how soon a replica tries a full limit again (one probe at a time per tier)
 MAX_TOKEN_BYTES = 1 << 26  # a day's budget in at most 64 MiB of permit bodies
 RPM_MARGIN = 0.02  # a per-minute permit lives 2 % longer than the minute (at most one second longer)
+BROKER_SECONDS = 5.0  # one permit operation; longer means the broker cannot answer now (a node lost)
+UNREACHABLE_BACKOFF = 1.0  # how long a tier waits before it tries permits that did not answer again
+REMIND_SECONDS = 60.0
+
+T = TypeVar("T")
 
 
 def token_unit(budget: int) -> int:
@@ -60,58 +75,96 @@ def token_unit(budget: int) -> int:
     return max(1, math.ceil(budget / MAX_TOKEN_BYTES))
 
 
-class Permits:
-    """The broker side of the limits: confirmed publishes, gets and counts on a channel of their own.
+class PermitsUnreachable(Exception):
+    """The broker did not answer a permit operation (its queue's node lost, the connection being restored)."""
 
-    The channel is opened again whenever it is found closed (after a lost connection aio-pika restores
-    most channels by itself, but a channel that was busy when the connection went may stay closed).
-    """
+
+class QueueMissing(PermitsUnreachable):
+    """A permit queue is not there (deleted by hand, or a day's queue expired early)."""
+
+
+class Permits:
+    """The broker side of the limits, on one robust channel of their own (aio-pika reopens it after the
+    broker closes it or the connection is restored: it is never replaced, so no failure leaves a channel
+    behind). Every operation is bounded by BROKER_SECONDS and fails with PermitsUnreachable."""
 
     def __init__(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
         self._channel: AbstractChannel | None = None
+        self._opening = asyncio.Lock()
 
     async def _open(self) -> AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        async with self._opening:
+            if self._channel is None:
+                self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         return self._channel
 
-    async def _raw(self) -> aiormq.abc.AbstractChannel:
-        raw = await (await self._open()).get_underlay_channel()
-        if raw.is_closed:
-            self._channel = None
-            raw = await (await self._open()).get_underlay_channel()
-        return raw
-
-    async def declare(self, name: str, arguments: dict[str, Any]) -> None:
-        raw = await self._raw()
-        await raw.queue_declare(name, durable=True, arguments={"x-queue-type": "classic", **arguments})
-
-    async def take(self, queue: str, body: bytes = b"", *, persistent: bool = True) -> bool:
-        """Publish a permit to `queue`: True when the broker took it, False when the queue is full."""
-        mode = aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
-        channel = await self._open()
+    async def _call(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T:
         try:
-            await channel.default_exchange.publish(
-                aio_pika.Message(body, delivery_mode=mode), routing_key=queue, mandatory=True
-            )
-        except PublishError:
-            raise  # unroutable: the queue is gone, which is no "full"
-        except DeliveryError:
+            async with asyncio.timeout(BROKER_SECONDS):
+                return await operation(await self._open())
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise QueueMissing(str(exc)[:200]) from exc
+        except (TimeoutError, ConnectionError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            raise PermitsUnreachable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+    async def declare(self, name: str, arguments: dict[str, Any]) -> bool:
+        """Declare a quorum queue (idempotent); True when it was not there before (this replica made it)."""
+
+        async def declare(channel: AbstractChannel) -> bool:
+            created = not await self._exists(name)
+            raw = await channel.get_underlay_channel()
+            await raw.queue_declare(name, durable=True, arguments={**topology.QUORUM, **arguments})
+            return created
+
+        return await self._call(declare)
+
+    async def _exists(self, name: str) -> bool:
+        """Whether `name` exists, asked on a plain channel of its own (the broker closes the channel that
+        asks about a queue that is not there: a robust one would be reopened behind our back)."""
+        transport = self._connection.transport
+        if transport is None:
+            raise ConnectionError("not connected")
+        probe = await transport.connection.channel()
+        try:
+            await probe.queue_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
             return False
-        except aiormq.exceptions.ChannelInvalidStateError:
-            self._channel = None
-            raise
+        finally:
+            if not probe.is_closed:
+                await probe.close()
         return True
 
-    async def drop(self, queue: str) -> bool:
+    async def put(self, queue: str, body: bytes = b"") -> bool:
+        """Publish one permit to `queue`: True when the broker took it, False when the queue is full."""
+
+        async def put(channel: AbstractChannel) -> bool:
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            try:
+                await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            except PublishError:
+                raise QueueMissing(f"{queue} is not there") from None
+            except DeliveryError:
+                return False
+            return True
+
+        return await self._call(put)
+
+    async def take(self, queue: str) -> bool:
         """Take one permit off `queue`; False when it held none."""
-        got = await (await self._raw()).basic_get(queue, no_ack=True)
-        return got.delivery_tag is not None
+
+        async def take(channel: AbstractChannel) -> bool:
+            got = await (await channel.get_underlay_channel()).basic_get(queue, no_ack=True)
+            return got.delivery_tag is not None
+
+        return await self._call(take)
 
     async def count(self, queue: str) -> int:
-        declared = await (await self._raw()).queue_declare(queue, passive=True)
-        return declared.message_count or 0
+        async def count(channel: AbstractChannel) -> int:
+            declared = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+            return declared.message_count or 0
+
+        return await self._call(count)
 
 
 class Slot:
@@ -146,6 +199,34 @@ class _Taking:
             await self._limits.task_ended()
 
 
+class _Pool:
+    """Free permits of one quota against what should be free, sampled at each recount (leader only)."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int, int]] = deque()
+
+    def correction(self, now: float, free: int, excess: int) -> int:
+        """How many permits to take off (> 0) or add (< 0), given `free` permits now, `excess` of them
+        more than the quota leaves (negative: missing)."""
+        self._samples.append((now, free, excess))
+        while self._samples and self._samples[0][0] < now - self._window:
+            self._samples.popleft()
+        last = [excess for _, _, excess in list(self._samples)[-3:]]
+        if len(last) == 3 and min(last) > 0:
+            self._samples.clear()
+            return min(last)  # a task's end handled twice, a pool filled twice: never transient
+        # Missing permits are added only when the pool stayed empty for a whole window: a submit in
+        # progress holds a permit for one API request, and while permits are free nobody is held back.
+        covered = self._samples[0][0] <= now - self._window + 1.0
+        empty = all(free == 0 for _, free, _ in self._samples)
+        worst = max(excess for _, _, excess in self._samples)
+        if covered and empty and worst < 0:
+            self._samples.clear()
+            return worst
+        return 0
+
+
 class TierLimits:
     """One tier's quotas. Without `attach`, and for quotas left unset, nothing is limited."""
 
@@ -164,13 +245,16 @@ class TierLimits:
         self.capacity = None if config.max_in_flight is None else config.max_in_flight + config.queue_ahead
         self.daily_tokens = config.daily_tokens
         self._minute = minute_seconds
-        self._window = reconcile_window_seconds
         self._clock = clock
         self._wall = wall
         self._permits: Permits | None = None
         self._blocked: dict[str, float] = {}
-        self._samples: deque[tuple[float, int, int]] = deque()
         self._token_day = ""
+        self._slots = _Pool(reconcile_window_seconds)
+        self._requests = _Pool(reconcile_window_seconds)
+        self.unreachable: str | None = None  # why the permits did not answer, until they do again
+        self._repeats = Repeats(REMIND_SECONDS)
+        self._declare_later = False  # a permit queue was found missing: declare them all again
 
     @property
     def rpm_ttl_ms(self) -> int:
@@ -180,23 +264,51 @@ class TierLimits:
 
     @property
     def rpm_queue(self) -> str:
-        return f"seedance.limits.{self.tier}.rpm.{self.rpm}.{self.rpm_ttl_ms}ms"
+        return topology.rpm_permits(self.tier, self.rpm)
+
+    @property
+    def rpm_used_queue(self) -> str:
+        return topology.rpm_permits_used(self.tier, self.rpm, self.rpm_ttl_ms)
 
     @property
     def slots_queue(self) -> str:
-        return f"seedance.limits.{self.tier}.slots.{self.capacity}"
+        return topology.slot_permits(self.tier, self.capacity)
 
     def tokens_queue(self, day: str) -> str:
-        return f"seedance.limits.{self.tier}.tokens.{day}.{self.daily_tokens}"
+        return topology.token_permits(self.tier, day, self.daily_tokens)
 
     async def attach(self, permits: Permits) -> None:
-        """Declare this tier's permit queues (idempotent) and take permits from now on."""
-        if self.rpm is not None:
-            arguments = {"x-max-length": self.rpm, "x-message-ttl": self.rpm_ttl_ms, **_REJECT}
-            await permits.declare(self.rpm_queue, arguments)
-        if self.capacity is not None:
-            await permits.declare(self.slots_queue, {"x-max-length": self.capacity, **_REJECT})
+        """Declare this tier's permit queues (idempotent; a pool this replica creates, it fills) and take
+        permits from now on."""
         self._permits = permits
+        await self._declare()
+
+    async def _declare(self) -> None:
+        permits = self._permits
+        assert permits is not None  # noqa: S101 - only called once attached
+        if self.rpm is not None:
+            created = await permits.declare(self.rpm_queue, {})
+            used = {"x-message-ttl": self.rpm_ttl_ms, **topology.dead_letter_to(self.rpm_queue)}
+            await permits.declare(self.rpm_used_queue, used)
+            if created:
+                await self._add(self.rpm_queue, self.rpm)
+        if self.capacity is not None and await permits.declare(self.slots_queue, {}):
+            await self._add(self.slots_queue, self.capacity)
+        self._token_day = ""
+
+    async def _add(self, queue: str, count: int) -> int:
+        assert self._permits is not None  # noqa: S101 - only called once attached
+        added = 0
+        for _ in range(count):
+            added += await self._permits.put(queue)
+        return added
+
+    async def _remove(self, queue: str, count: int) -> int:
+        assert self._permits is not None  # noqa: S101 - only called once attached
+        removed = 0
+        while removed < count and await self._permits.take(queue):
+            removed += 1
+        return removed
 
     # Submitting
     def wait_time(self) -> float:
@@ -218,7 +330,8 @@ class TierLimits:
         return _Taking(self, tokens)
 
     async def _take_all(self, tokens: int) -> bool:
-        """Take a submit's permits; True when a running slot was among them. LimitReached when one is full."""
+        """Take a submit's permits; True when a running slot was among them. LimitReached when one is full
+        or does not answer."""
         wait = self.wait_time()
         if wait > 0:
             limit = max(self._blocked, key=lambda name: self._blocked[name])
@@ -227,58 +340,86 @@ class TierLimits:
         if permits is None:
             return False
         holds = False
-        if self.capacity is not None:
-            if not await self._take(permits, self.slots_queue):
-                self._refused("running slots", PROBE_SECONDS)
-            holds = True
         try:
-            if self.rpm is not None and not await self._take(permits, self.rpm_queue, persistent=False):
-                self._refused("requests per minute", max(PROBE_SECONDS, min(1.0, self._minute / self.rpm)))
+            if self._declare_later:
+                await self._declare()
+                self._declare_later = False
+            if self.capacity is not None:
+                if not await permits.take(self.slots_queue):
+                    self._refused("running slots", PROBE_SECONDS)
+                holds = True
+            if self.rpm is not None:
+                if not await permits.take(self.rpm_queue):
+                    self._refused("requests per minute", max(PROBE_SECONDS, min(1.0, self._minute / self.rpm)))
+                # Lost on the way (a crash now), the permit is missing until the leader adds it back.
+                await permits.put(self.rpm_used_queue)
             if self.daily_tokens is not None:
                 queue = await self._todays_tokens(permits)
                 body = b"\0" * math.ceil(tokens / token_unit(self.daily_tokens))
-                if not await self._take(permits, queue, body):
+                if not await permits.put(queue, body):
                     self._refused("tokens per day", min(60.0, self._seconds_to_midnight()))
+        except PermitsUnreachable as exc:
+            await self._give_back_quietly(holds)
+            self._unreachable(exc)
         except BaseException:
-            if holds:
-                await self._give_back()
+            await self._give_back_quietly(holds)
             raise
+        self._reached()
         return holds
 
     async def task_ended(self) -> None:
-        """A task that held a running slot ended (or left for the copy stage): free its slot for another."""
-        await self._give_back()
+        """A task that held a running slot ended (or left for the copy stage): free its slot for another.
+        PermitsUnreachable when the broker cannot take it now (the leader adds it back later)."""
+        if self._permits is not None and self.capacity is not None:
+            await self._permits.put(self.slots_queue)
 
-    async def _take(self, permits: Permits, queue: str, body: bytes = b"", *, persistent: bool = True) -> bool:
+    async def _give_back_quietly(self, holds: bool) -> None:
+        if not holds:
+            return
         try:
-            return await permits.take(queue, body, persistent=persistent)
-        except aiormq.exceptions.ChannelInvalidStateError:
-            # The connection is being restored: no permit can be had now; the job waits, nothing fails.
-            self.block_for(1.0, "permits (reconnecting to RabbitMQ)")
-            raise LimitReached("permits (reconnecting to RabbitMQ)", 1.0) from None
-        except PublishError:
-            # The queue is gone (deleted by hand, or a day's queue expired early): declare again, try later.
-            log.warning("permit queue %s was missing; declaring it again", queue)
-            self._token_day = ""
-            await self.attach(permits)
-            return False
+            await self.task_ended()
+        except PermitsUnreachable:
+            log.debug("could not give a running slot back; the leader will", exc_info=True)
 
     def _refused(self, limit: str, seconds: float) -> NoReturn:
         self.block_for(seconds, limit)
         raise LimitReached(limit, seconds)
 
-    async def _give_back(self) -> None:
-        if self._permits is not None and self.capacity is not None:
-            await self._permits.drop(self.slots_queue)
+    def _unreachable(self, exc: PermitsUnreachable) -> NoReturn:
+        self.note_unreachable(exc)
+        self.block_for(UNREACHABLE_BACKOFF, "permits (RabbitMQ does not answer)")
+        raise LimitReached("permits (RabbitMQ does not answer)", UNREACHABLE_BACKOFF) from None
+
+    def note_unreachable(self, exc: PermitsUnreachable) -> None:
+        """The permits did not answer: say so (once, then every minute) and report it until they do."""
+        why = f"the {self.tier} tier's permits in RabbitMQ do not answer ({exc})"
+        if isinstance(exc, QueueMissing):
+            why = f"a permit queue of the {self.tier} tier is missing ({exc}); declaring it again"
+            self._token_day = ""
+            self._declare_later = True
+        self.unreachable = why
+        if self._repeats.news(type(exc).__name__) is not None:
+            log.warning("%s: the tier waits and tries again", why)
+
+    def _reached(self) -> None:
+        if self.unreachable is not None:
+            log.warning("the %s tier's permits answer again", self.tier)
+            self.unreachable = None
+            self._repeats.clear()
 
     async def _todays_tokens(self, permits: Permits) -> str:
         day = datetime.fromtimestamp(self._wall(), UTC).date().isoformat()
         queue = self.tokens_queue(day)
         if day != self._token_day:
             assert self.daily_tokens is not None  # noqa: S101 - only called with a budget
-            limit = math.ceil(self.daily_tokens / token_unit(self.daily_tokens))
+            unit = token_unit(self.daily_tokens)
+            budget, largest = math.ceil(self.daily_tokens / unit), math.ceil(MAX_TOKENS / unit)
+            # A quorum queue refuses a publish only once it is over its limit: keeping the limit one largest
+            # request under the budget, a publish it takes never passes the budget.
+            limit = budget - largest if budget > largest else 1
             # Unused for two days (no declare, no consumer), a day's queue deletes itself.
-            await permits.declare(queue, {"x-max-length-bytes": limit, "x-expires": 2 * 86_400_000, **_REJECT})
+            arguments = {"x-max-length-bytes": limit, "x-expires": 2 * 86_400_000, "x-overflow": "reject-publish"}
+            await permits.declare(queue, arguments)
             self._token_day = day
         return queue
 
@@ -288,70 +429,56 @@ class TierLimits:
         return (midnight - now).total_seconds()
 
     # Counting and reconciling
+    async def check(self) -> None:
+        """Count this tier's permits once (at each recount): a tier whose permits did not answer is
+        reported until they do, whether or not a job comes to try them."""
+        if self._permits is None or (self.capacity is None and self.rpm is None):
+            return
+        try:
+            if self._declare_later:
+                await self._declare()
+                self._declare_later = False
+            await self._permits.count(self.slots_queue if self.capacity is not None else self.rpm_queue)
+        except PermitsUnreachable as exc:
+            self.note_unreachable(exc)
+        else:
+            self._reached()
+
     async def slots_taken(self) -> int | None:
-        """Permits in the running-slot queue now (all replicas), or None without such a limit."""
+        """Running slots taken now (all replicas), or None without such a limit."""
         if self._permits is None or self.capacity is None:
             return None
-        return await self._permits.count(self.slots_queue)
+        return max(0, self.capacity - await self._permits.count(self.slots_queue))
 
     async def submits_last_minute(self) -> int | None:
         if self._permits is None or self.rpm is None:
             return None
-        return await self._permits.count(self.rpm_queue)
+        return await self._permits.count(self.rpm_used_queue)
 
     async def reconcile(self, in_flight: int) -> None:
-        """Leader only: make the running-slot permits match the tasks in flight (see the module docstring)."""
-        taken = await self.slots_taken()
-        if taken is None or self._permits is None or self.capacity is None:
+        """Leader only: make the free permits match what the quotas leave (see the module docstring).
+        Declares the permit queues again first when one was found missing."""
+        if self._permits is None:
             return
+        if self._declare_later:
+            await self._declare()
+            self._declare_later = False
         now = self._clock()
-        self._samples.append((now, taken - in_flight, taken))
-        while self._samples and self._samples[0][0] < now - self._window:
-            self._samples.popleft()
-        last = [excess for _, excess, _ in list(self._samples)[-3:]]
-        if len(last) == 3 and max(last) < 0:
-            missing = -max(last)
-            added = 0
-            while added < missing and await self._permits.take(self.slots_queue):
-                added += 1
-            log.warning("%s: %d tasks in flight held no slot permit; added %d", self.tier, missing, added)
-            self._samples.clear()
-            return
-        covered = self._samples[0][0] <= now - self._window + 1.0
-        full = all(count >= self.capacity for _, _, count in self._samples)
-        extra = min(excess for _, excess, _ in self._samples)
-        if covered and full and extra > 0:
-            removed = 0
-            while removed < extra and await self._permits.drop(self.slots_queue):
-                removed += 1
-            log.warning("%s: removed %d slot permits that no task held (a replica died submitting)", self.tier, removed)
-            self._samples.clear()
+        if self.capacity is not None:
+            free = await self._permits.count(self.slots_queue)
+            fix = self._slots.correction(now, free, free - max(0, self.capacity - in_flight))
+            await self._correct(self.slots_queue, fix, f"{in_flight} tasks in flight")
+        if self.rpm is not None:
+            # Used first, then free: a permit moving back during the count is seen twice, never missed.
+            used = await self._permits.count(self.rpm_used_queue)
+            free = await self._permits.count(self.rpm_queue)
+            fix = self._requests.correction(now, free, used + free - self.rpm)
+            await self._correct(self.rpm_queue, fix, f"{used} requests in the last minute")
 
-
-_REJECT = {"x-overflow": "reject-publish"}
-
-
-class Leadership:
-    """One replica at a time reconciles the limits: the holder of the exclusive queue LEADER_QUEUE (the
-    broker deletes it when its connection goes, and another replica takes over)."""
-
-    def __init__(self) -> None:
-        self._channel: AbstractChannel | None = None
-        self.leader = False
-
-    async def claim(self, connection: AbstractRobustConnection) -> bool:
-        """Hold (or keep holding) the leadership; False while another replica holds it."""
-        try:
-            if self._channel is None:
-                self._channel = await connection.channel()
-            raw = await self._channel.get_underlay_channel()
-            await raw.queue_declare(LEADER_QUEUE, exclusive=True)
-        except Exception:
-            if self.leader:
-                log.warning("no longer the leader reconciling the account's limits")
-            self.leader = False
-            return False
-        if not self.leader:
-            log.info("leading the reconciliation of the account's limits")
-        self.leader = True
-        return True
+    async def _correct(self, queue: str, fix: int, context: str) -> None:
+        if fix > 0:
+            removed = await self._remove(queue, fix)
+            log.warning("%s: took %d permits off %s that no task held (%s)", self.tier, removed, queue, context)
+        elif fix < 0:
+            added = await self._add(queue, -fix)
+            log.warning("%s: added %d missing permits to %s (%s)", self.tier, added, queue, context)

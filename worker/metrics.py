@@ -180,6 +180,15 @@ class Metrics:
                 registry=registry,
             )
         )
+        self.permits_unreachable = Family(
+            Gauge(
+                "seedance_permits_unreachable",
+                "1 while the tier's permits in RabbitMQ do not answer (a node lost, a queue missing): the "
+                "tier takes no job until they do.",
+                ["tier"],
+                registry=registry,
+            )
+        )
         self.submit_window = Histogram(
             "seedance_submit_unconfirmed_seconds",
             "From the API accepting a task to the broker confirming its tracking state: the window in which "

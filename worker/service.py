@@ -15,9 +15,9 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.connection import make_url
 
 from contracts.api import ServiceTier
+from contracts.brokers import ClusterConnection, describe_failure
 from worker import topology
 from worker.access import Access
 from worker.backoff import backoff_delay
@@ -33,17 +33,8 @@ from worker.stopping import Stopping
 log = logging.getLogger(__name__)
 
 SUMMARY_SECONDS = 60.0
-
-
-def broker_error(exc: BaseException, vhost: str) -> str:
-    """What went wrong connecting, in words an operator can act on; never the URL (it holds a password)."""
-    text = str(exc)
-    if "Connection.Close" in text and "Connection.OpenOk" in text:
-        # RabbitMQ closes the connection at Connection.Open when the vhost is missing or not permitted.
-        return f"RabbitMQ refused the virtual host {vhost!r}: it does not exist, or the user has no access to it"
-    if "ACCESS_REFUSED" in text or "authentication" in text.lower():
-        return "RabbitMQ refused the user name or password"
-    return f"cannot reach RabbitMQ ({type(exc).__name__}: {text[:200]})" if text else type(exc).__name__
+RECONNECT_SECONDS = 1.0  # after a lost connection, the next attempt (on the next node of a cluster)
+CONNECT_TIMEOUT_SECONDS = 10.0  # a node that does not answer at all (a black-holed host) is left for the next
 
 
 class Service:
@@ -78,8 +69,15 @@ class Service:
         api_ok = self._api_access.ok
         store_ok = self._store_access is None or self._store_access.ok
         unconsumed = self._intake.unconsumed()
+        unreachable = {tier: limits.unreachable for tier, limits in self._limits.items() if limits.unreachable}
         ready = (
-            self.declared and self.connected and api_ok and store_ok and not unconsumed and not self._stopping.is_set()
+            self.declared
+            and self.connected
+            and api_ok
+            and store_ok
+            and not unconsumed
+            and not unreachable
+            and not self._stopping.is_set()
         )
         self._metrics.worker_ready.set(1 if ready else 0)
         return {
@@ -92,6 +90,8 @@ class Service:
             "stopping": self._stopping.is_set(),
             "consuming": self._intake.consuming(),
             "not_consumed": unconsumed,
+            "permits_unreachable": unreachable,
+            "broker_node": self._connection.node if isinstance(self._connection, ClusterConnection) else None,
         }
 
     async def run(self) -> None:
@@ -145,12 +145,17 @@ class Service:
     async def _connect(self) -> AbstractRobustConnection | None:
         """Connect to RabbitMQ, retrying with back-off until it answers; None as soon as stopping."""
         attempt = 0
-        url = self._settings.amqp_url.get_secret_value()
+        urls = self._settings.amqp_urls
         while not self._stopping.is_set():
-            connection = aio_pika.RobustConnection(
-                make_url(url), client_properties={"connection_name": "seedance-worker"}
+            # Each attempt starts at the next node of a cluster; once connected, a lost node's connection
+            # is restored on the next one that answers (ClusterConnection).
+            connection = ClusterConnection(
+                urls,
+                start=attempt,
+                client_properties={"connection_name": "seedance-worker"},
+                reconnect_interval=RECONNECT_SECONDS,
             )
-            connecting = asyncio.ensure_future(connection.connect())
+            connecting = asyncio.ensure_future(connection.connect(timeout=CONNECT_TIMEOUT_SECONDS))
             stopped = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
@@ -166,7 +171,9 @@ class Service:
                 await connection.close()
                 attempt += 1
                 delay = backoff_delay(attempt, base=1.0, cap=30.0)
-                log.warning("%s; retrying in %.0f s", broker_error(exc, self._settings.vhost), delay)
+                log.warning(
+                    "%s at %s; retrying in %.0f s", describe_failure(exc, self._settings.vhost), connection.node, delay
+                )
                 await self._stopping.sleep(delay)
                 continue
             return connection

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.api import ServiceTier
+from contracts.brokers import broker_urls, vhost
 from contracts.messages import TIERS
 from worker.storage import check_url
 
@@ -48,7 +49,7 @@ class Settings(BaseSettings):
     # Where things are
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
-        description="RabbitMQ URL (may hold a password).",
+        description="RabbitMQ URL (may hold a password); several URLs of one cluster's nodes separated by commas.",
     )
     api_base_url: str = Field(default="https://api.highwayapi.ai", description="Base URL of the video API.")
     api_key: SecretStr | None = Field(default=None, description="API key; or use SEEDANCE_API_KEY_FILE.")
@@ -237,13 +238,7 @@ class Settings(BaseSettings):
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
         # The message never quotes the URL: it may hold a password.
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must look like amqp://user:password@host:5672/vhost (or amqps://)")
-        try:
-            parts.port  # noqa: B018 - raises on a port that is no number
-        except ValueError:
-            raise ValueError("has a port that is not a number") from None
+        broker_urls(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
@@ -291,8 +286,13 @@ class Settings(BaseSettings):
 
     @property
     def vhost(self) -> str:
-        """The virtual host the AMQP URL names (`/` when it names none)."""
-        return unquote(urlsplit(self.amqp_url.get_secret_value()).path[1:]) or "/"
+        """The virtual host the AMQP URLs name (`/` when they name none)."""
+        return vhost(self.amqp_urls[0])
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's URLs: one, or the nodes of one cluster (see contracts.brokers)."""
+        return broker_urls(self.amqp_url.get_secret_value())
 
     def read_api_key(self) -> str | None:
         """The key as it is now: from the variable, or freshly read from the file (which may rotate), with

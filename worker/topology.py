@@ -46,13 +46,34 @@ def store_delay_queue(tier: ServiceTier, ms: int) -> str:
     return f"seedance.store.{tier}.delay.{ms}ms"
 
 
+# The account's quotas (worker.limits): pools of free permits, named for the quota they hold.
+def slot_permits(tier: ServiceTier, capacity: int | None) -> str:
+    return f"seedance.permits.{tier}.slots.{capacity}"
+
+
+def rpm_permits(tier: ServiceTier, rpm: int | None) -> str:
+    return f"seedance.permits.{tier}.rpm.{rpm}"
+
+
+def rpm_permits_used(tier: ServiceTier, rpm: int | None, ttl_ms: int) -> str:
+    return f"seedance.permits.{tier}.rpm.{rpm}.used.{ttl_ms}ms"
+
+
+def token_permits(tier: ServiceTier, day: str, budget: int | None) -> str:
+    return f"seedance.permits.{tier}.tokens.{day}.{budget}"
+
+
+# The replica whose consumer is the active one of this single-active-consumer queue leads (worker.leader).
+LEADER_QUEUE = "seedance.leader"
+
+
 def tracking_queues(tier: ServiceTier, settings: Settings) -> list[str]:
     """Every queue that can hold a tracking message of the tier, the tracking queue first: counting them
     counts tasks in flight."""
     return [tracking_queue(tier), *(delay_queue(tier, ms) for ms in settings.tracking_delays_ms)]
 
 
-def _dead_letter_to(queue: str) -> dict[str, Any]:
+def dead_letter_to(queue: str) -> dict[str, Any]:
     # at-least-once: the broker keeps a message until the dead-letter target confirms it (needs
     # reject-publish overflow); the default at-most-once could drop a tracking state or a poison job.
     return {
@@ -80,7 +101,7 @@ async def declare(channel: AbstractChannel, settings: Settings) -> None:
             arguments={
                 **QUORUM,
                 "x-delivery-limit": settings.delivery_limit,
-                **_dead_letter_to(DEAD_LETTER_QUEUE),
+                **dead_letter_to(DEAD_LETTER_QUEUE),
             },
         )
         await queue.bind(jobs, routing_key=f"job.{tier}")
@@ -91,7 +112,7 @@ async def declare(channel: AbstractChannel, settings: Settings) -> None:
             await channel.declare_queue(
                 delay_queue(tier, ms),
                 durable=True,
-                arguments={**QUORUM, "x-message-ttl": ms, **_dead_letter_to(tracking_queue(tier))},
+                arguments={**QUORUM, "x-message-ttl": ms, **dead_letter_to(tracking_queue(tier))},
             )
         # The copy stage: declared whether or not a store is configured, so a worker without one can still
         # finish the copies another left (see JobHandler.handle_store).
@@ -100,5 +121,5 @@ async def declare(channel: AbstractChannel, settings: Settings) -> None:
             await channel.declare_queue(
                 store_delay_queue(tier, ms),
                 durable=True,
-                arguments={**QUORUM, "x-message-ttl": ms, **_dead_letter_to(store_queue(tier))},
+                arguments={**QUORUM, "x-message-ttl": ms, **dead_letter_to(store_queue(tier))},
             )

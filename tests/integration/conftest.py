@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from contracts.messages import EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES
+from tests.brokers import Node, rabbitmq4_available, start_rabbitmq4
 from tests.servers import MockThread, SeaweedFS, free_port, start_mock_thread, start_seaweedfs
 from worker.__main__ import serve
 from worker.settings import Settings
@@ -29,7 +30,11 @@ from worker.stopping import Stopping
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
 
+# SEEDANCE_TEST_BROKER=rabbitmq4 runs the suite on a RabbitMQ 4 node of its own (tests/brokers.py, every
+# deprecated feature denied) instead of the machine's RabbitMQ on SEEDANCE_TEST_AMQP_HOST.
+BROKER = os.environ.get("SEEDANCE_TEST_BROKER", "host")
 AMQP_HOST = os.environ.get("SEEDANCE_TEST_AMQP_HOST", "127.0.0.1:5672")
+_node: Node | None = None
 MOCK_KEY = "integration-key"
 # `POST /_mock/config` merges deeply: a quota is lifted by setting it to null, not by leaving it out.
 NO_QUOTAS = {
@@ -38,7 +43,31 @@ NO_QUOTAS = {
 IMAGE = "https://example.com/boat.png"
 
 
+def _broker_node() -> Node | None:
+    global _node  # noqa: PLW0603 - one broker for the session, started on first use
+    if BROKER == "rabbitmq4" and _node is None:
+        if not rabbitmq4_available():
+            pytest.fail("RabbitMQ 4 is not set up: run scripts/ensure-rabbitmq4.sh (make test does)")
+        _node = start_rabbitmq4()
+    return _node
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker() -> Iterator[None]:
+    yield
+    if _node is not None:
+        _node.stop()
+
+
+def amqp_host() -> str:
+    node = _broker_node()
+    return f"127.0.0.1:{node.port}" if node is not None else AMQP_HOST
+
+
 def rabbitmqctl(*args: str) -> str:
+    node = _broker_node()
+    if node is not None:
+        return node.ctl(*args)
     done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60)
     return done.stdout
 
@@ -54,7 +83,7 @@ def vhost() -> Iterator[str]:
     name = f"seedance-test-{uuid.uuid4().hex[:12]}"
     rabbitmqctl("add_vhost", name)
     rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@{AMQP_HOST}/{name}"
+    yield f"amqp://guest:guest@{amqp_host()}/{name}"
     rabbitmqctl("delete_vhost", name)
 
 

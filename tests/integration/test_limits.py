@@ -11,9 +11,11 @@ from typing import Any
 import aio_pika
 import pytest
 
+from contracts.api import MAX_TOKENS
 from tests.factories import tier_settings
 from worker.errors import LimitReached
-from worker.limits import Leadership, Permits, TierLimits
+from worker.leader import Leadership
+from worker.limits import Permits, TierLimits
 
 pytestmark = [pytest.mark.broker]
 
@@ -120,12 +122,14 @@ async def test_a_refused_rate_permit_gives_the_slot_back(replica: Replica) -> No
 
 
 async def test_the_daily_token_budget_is_shared_and_never_exceeded(replica: Replica, clock: Clock) -> None:
-    first, second = await replica(daily_tokens=250), await replica(daily_tokens=250)
-    assert await attempt(first, 100)
-    assert await attempt(second, 100)
-    assert not await attempt(first, 100), "300 > 250"
-    assert await attempt(second, 50), "exactly to the budget"
-    assert not await attempt(second, 1)
+    # A quorum queue refuses only once over its limit: the limit is one largest request under the budget.
+    budget = 2 * MAX_TOKENS + 100
+    first, second = await replica(daily_tokens=budget), await replica(daily_tokens=budget)
+    assert await attempt(first, MAX_TOKENS)
+    assert await attempt(second, MAX_TOKENS)
+    assert not await attempt(first, MAX_TOKENS), "a third would pass the budget"
+    clock.pass_pauses()
+    assert not await attempt(second, 50), "within the last largest request of the budget: refused, never over"
     clock.pass_pauses()
     assert not await attempt(first, 1), "still spent after the pause: the budget is the day's"
 
@@ -158,18 +162,52 @@ async def test_permits_of_submits_in_progress_are_not_taken_for_leaks_while_the_
 
 
 async def test_one_replica_leads_and_another_takes_over_when_it_goes(vhost: str) -> None:
-    first_connection = await aio_pika.connect_robust(vhost)
-    second_connection = await aio_pika.connect_robust(vhost)
-    first, second = Leadership(), Leadership()
-    try:
-        assert await first.claim(first_connection)
-        assert not await second.claim(second_connection)
-        assert await first.claim(first_connection), "the leader keeps leading"
-        await first_connection.close()
+    connections = [await aio_pika.connect_robust(vhost) for _ in range(3)]
+    replicas = [Leadership() for _ in connections]
+
+    async def leaders() -> list[int]:
         for _ in range(50):
-            if await second.claim(second_connection):
-                break
+            held = [i for i, (r, c) in enumerate(zip(replicas, connections, strict=True)) if await r.claim(c)]
+            if held:
+                return held
             await asyncio.sleep(0.1)
-        assert second.leader
+        return []
+
+    try:
+        first = await leaders()
+        assert len(first) == 1, "one leader at a time"
+        for _ in range(5):
+            assert await leaders() == first, "the leader keeps leading"
+        await connections[first[0]].close()
+        replicas.pop(first[0]), connections.pop(first[0])
+        second = await leaders()
+        assert len(second) == 1, "another replica took over"
     finally:
-        await second_connection.close()
+        for connection in connections:
+            await connection.close()
+
+
+async def test_replicas_that_wait_for_the_leadership_cause_no_broker_errors(vhost: str) -> None:
+    """Waiting replicas neither have declares refused nor channels closed (the exclusive queue of old
+    made each of them fail a declare every second)."""
+    connections = [await aio_pika.connect_robust(vhost) for _ in range(3)]
+    replicas = [Leadership() for _ in connections]
+    closed: list[object] = []
+    try:
+        for _ in range(20):
+            for replica, connection in zip(replicas, connections, strict=True):
+                await replica.claim(connection)
+            await asyncio.sleep(0.05)
+        for replica in replicas:
+            assert replica._channel is not None
+            channel = await replica._channel.get_underlay_channel()
+            channel.closing.add_done_callback(closed.append)
+        for _ in range(20):
+            for replica, connection in zip(replicas, connections, strict=True):
+                await replica.claim(connection)
+            await asyncio.sleep(0.05)
+        assert sum(r.leader for r in replicas) == 1
+        assert closed == [], "no channel was closed by the broker"
+    finally:
+        for connection in connections:
+            await connection.close()

@@ -20,17 +20,18 @@ import pytest
 
 from contracts.messages import TERMINAL_STATUSES
 from tests.integration.conftest import (
-    AMQP_HOST,
     MOCK_KEY,
     NO_QUOTAS,
     Bus,
     Mock,
     WorkerProcess,
+    amqp_host,
     job,
     wait_for,
     wait_ready,
     worker_env,
 )
+from tests.servers import free_port
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.broker, pytest.mark.server]
@@ -397,7 +398,7 @@ async def test_sigterm_ends_a_connect_that_never_completes(spawn_worker) -> None
 
 
 async def test_a_missing_vhost_is_named_by_the_worker_and_the_cli(spawn_worker) -> None:
-    url = f"amqp://guest:guest@{AMQP_HOST}/no-such-vhost"
+    url = f"amqp://guest:guest@{amqp_host()}/no-such-vhost"
     worker = spawn_worker(amqp_url=url)
     await wait_for(lambda: "does not exist, or the user has no access" in worker.log(), what="the vhost named")
     assert "'no-such-vhost'" in worker.log()
@@ -406,6 +407,26 @@ async def test_a_missing_vhost_is_named_by_the_worker_and_the_cli(spawn_worker) 
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0
     done = await asyncio.to_thread(run, "worker.cli", "--amqp-url", url, "events", "--count", "1")
     assert_one_line_error(done, 1, "RabbitMQ refused the virtual host 'no-such-vhost'")
+
+
+async def test_given_several_urls_the_worker_and_the_cli_use_one_that_answers(
+    spawn_worker, bus: Bus, mock: Mock, vhost: str
+) -> None:
+    """The first node of the list is down (nothing listens): the worker connects to the next, names the
+    node it is connected to, and prints neither URL's password."""
+    dead = f"amqp://guest:first-secret@127.0.0.1:{free_port()}/{vhost.rsplit('/', 1)[1]}"
+    live = vhost
+    worker = spawn_worker(amqp_url=f"{dead},{live}")
+    await asyncio.to_thread(wait_ready, worker, 30)
+    await bus.publish(job("listed"))
+    assert (await bus.wait_terminal(["listed"]))["listed"]["status"] == "succeeded"
+    log = worker.log()
+    assert f"connected to RabbitMQ at {live.split('@')[1].split('/')[0]}" in log
+    assert "first-secret" not in log
+    done = await asyncio.to_thread(run, "worker.cli", "--amqp-url", f"{dead},{live}", "events", "--timeout", "0.5")
+    assert done.returncode == 0, done.stderr
+    worker.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
 
 
 def test_the_mock_on_a_taken_port_says_so_in_one_line() -> None:

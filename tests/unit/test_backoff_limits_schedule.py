@@ -41,9 +41,10 @@ def test_backoff_never_undercuts_retry_after() -> None:
 
 def test_the_permit_queues_name_their_quota_and_the_slots_include_the_queue_ahead() -> None:
     limits = TierLimits("flex", tier_settings(rpm=30, max_in_flight=4, queue_ahead=2, daily_tokens=10**9))
-    assert limits.rpm_queue == "seedance.limits.flex.rpm.30.61000ms", "a minute and a second"
-    assert limits.slots_queue == "seedance.limits.flex.slots.6"
-    assert limits.tokens_queue("2026-11-25") == "seedance.limits.flex.tokens.2026-11-25.1000000000"
+    assert limits.rpm_queue == "seedance.permits.flex.rpm.30"
+    assert limits.rpm_used_queue == "seedance.permits.flex.rpm.30.used.61000ms", "a minute and a second"
+    assert limits.slots_queue == "seedance.permits.flex.slots.6"
+    assert limits.tokens_queue("2026-11-25") == "seedance.permits.flex.tokens.2026-11-25.1000000000"
 
 
 @pytest.mark.parametrize("budget", [1, 250, 64 * 2**20, 500_000_000_000])

@@ -1,0 +1,48 @@
+"""Broker addresses: one URL or several of one cluster, checked without ever quoting a password."""
+
+from __future__ import annotations
+
+import pytest
+
+from contracts.brokers import BrokerUrlError, broker_urls, describe_failure, redact, vhost, where
+from worker.settings import Settings
+
+
+def test_several_urls_of_one_cluster_are_split_and_checked() -> None:
+    value = "amqp://u:p1@rabbit-0:5672/prod, amqp://u:p2@rabbit-1:5672/prod,amqp://u:p3@rabbit-2/prod"
+    assert broker_urls(value) == [
+        "amqp://u:p1@rabbit-0:5672/prod",
+        "amqp://u:p2@rabbit-1:5672/prod",
+        "amqp://u:p3@rabbit-2/prod",
+    ]
+    settings = Settings(amqp_url=value)  # type: ignore[arg-type]
+    assert settings.vhost == "prod"
+    assert len(settings.amqp_urls) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("amqp://u:secret@a/x,http://u:secret@b/x", "URL 2 of 2 must look like"),
+        ("amqp://u:secret@a:port/x", "port that is not a number"),
+        ("amqp://u:secret@a/one,amqp://u:secret@b/two", "different virtual hosts"),
+        (" , ", "is empty"),
+    ],
+)
+def test_a_bad_url_list_is_named_without_its_passwords(value: str, said: str) -> None:
+    with pytest.raises(BrokerUrlError) as caught:
+        broker_urls(value)
+    assert said in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_every_password_of_a_list_is_redacted() -> None:
+    shown = redact("amqp://u:first@a:5672/v,amqp://u:second@b:5672/v,amqp://u:third@c/v")
+    assert shown == "amqp://u:***@a:5672/v,amqp://u:***@b:5672/v,amqp://u:***@c/v"
+    assert where("amqps://u:pw@rabbit-1/v") == "rabbit-1:5671"
+    assert vhost("amqp://u:pw@h/team%2Fa") == "team/a"
+
+
+def test_a_refused_message_size_is_named_as_such() -> None:
+    error = Exception("PRECONDITION_FAILED - message size 20971520 is larger than configured max size 16777216")
+    assert describe_failure(error, "/").startswith("RabbitMQ refused the message's size")
