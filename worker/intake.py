@@ -47,6 +47,7 @@ class _Feed:
     tier: ServiceTier
     callback: Callback
     tag: str | None = None
+    on_cancel: Callable[[aiormq.spec.Basic.Cancel], None] | None = None
 
     async def lost(self) -> bool:
         """Whether RabbitMQ cancelled our consumer on its own (its queue deleted, a node lost, a quorum
@@ -69,6 +70,11 @@ class _Feed:
                 await callback(tier, message)
 
             self.tag = await self.queue.consume(deliver)
+            channel = await self.queue.channel.get_underlay_channel()
+            if isinstance(channel, aiormq.Channel) and self.on_cancel is not None:
+                # aio-pika may restore a consumer the broker cancelled before `lost()` looks: every cancel
+                # is heard here all the same.
+                channel.on_consumer_cancel_callbacks.add(self.on_cancel)
             log.info("consuming %s", self.queue.name)
         elif not on and self.tag is not None:
             # RabbitMQ 3.10 can strand the unacknowledged deliveries of a cancelled quorum consumer whose
@@ -131,6 +137,16 @@ class Intake:
         restored): the worker is not ready while there are any."""
         return list(self._unconsumed)
 
+    def _cancel_heard(self, queue: str) -> Callable[[aiormq.spec.Basic.Cancel], None]:
+        def heard(frame: aiormq.spec.Basic.Cancel) -> None:
+            self._metrics.consumers_cancelled.labels(queue).inc()
+            log.warning(
+                "RabbitMQ cancelled the consumer of %s (queue deleted, node lost or consumer timeout): restoring it",
+                queue,
+            )
+
+        return heard
+
     def _feeds(self) -> list[_Feed]:
         return [*self._jobs.values(), *self._tracking.values(), *self._store.values()]
 
@@ -148,6 +164,8 @@ class Intake:
             await store.set_qos(prefetch_count=self._settings.storage_concurrency)
             self._store[tier] = _Feed(await store.get_queue(topology.store_queue(tier)), tier, consumer.on_store)
         self._consumer = consumer
+        for feed in self._feeds():
+            feed.on_cancel = self._cancel_heard(feed.queue.name)
         counter = await connection.channel()
         self._declarer = await connection.channel()
         # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
@@ -172,11 +190,6 @@ class Intake:
             log.debug("cannot check the consumer of %s", feed.queue.name, exc_info=True)
             return
         if lost:
-            self._metrics.consumers_cancelled.labels(feed.queue.name).inc()
-            log.warning(
-                "RabbitMQ cancelled the consumer of %s (queue deleted, node lost or consumer timeout): restoring it",
-                feed.queue.name,
-            )
             self._redeclare = True
         if self._redeclare and self._declarer is not None:
             try:
