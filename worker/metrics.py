@@ -300,6 +300,7 @@ class Metrics:
         for tier in TIERS:
             self.jobs_received.labels(tier)
             self.tasks_in_flight.labels(tier)
+            self.permits_unreachable.labels(tier)
             self.account_slots_taken.labels(tier)
             self.account_submits_last_minute.labels(tier)
             self.queue_wait.labels(tier)

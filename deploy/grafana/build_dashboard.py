@@ -135,6 +135,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 [(f"sum by (tier) (seedance_consumer_paused{{{T}}})", "{{tier}}")],
             ),
             Panel(
+                "Permits unreachable",
+                "Workers whose tier cannot reach its permits in RabbitMQ (a node lost, a queue missing): the tier "
+                "takes no job until they answer.",
+                [(f"sum by (tier) (seedance_permits_unreachable{{{T}}})", "{{tier}}")],
+            ),
+            Panel(
                 "Workers ready",
                 "Workers taking jobs, of all workers scraped.",
                 [("sum(seedance_worker_ready)", "ready"), ("count(seedance_worker_ready)", "running")],
