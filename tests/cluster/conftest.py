@@ -3,10 +3,6 @@ it, and worker processes spread over its nodes."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.brokers import Cluster, start_cluster
-from tests.integration.conftest import WorkerProcess, worker_env
+from tests.integration.conftest import WorkerProcess, kill_worker_processes, start_worker_process
 from tests.servers import MockThread, start_mock_thread
 
 pytestmark = [pytest.mark.broker, pytest.mark.server, pytest.mark.cluster, pytest.mark.slow]
@@ -69,16 +65,7 @@ def spawn_cluster_worker(
     def spawn(first: int, **overrides: Any) -> WorkerProcess:
         url = urls_from(cluster, cluster_vhost, first)
         values = {"api_key": "cluster-key", "poll_scale": 0.02, "in_flight_refresh_seconds": 0.5, **overrides}
-        env = {**os.environ, **worker_env(url, cluster_mock.url, **values), "PYTHONUNBUFFERED": "1"}
-        log_path = str(tmp_path / f"worker-{len(procs)}.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        handle = WorkerProcess(proc, int(env["SEEDANCE_METRICS_PORT"]), log_path)
-        procs.append(handle)
-        return handle
+        return start_worker_process(procs, tmp_path, url, cluster_mock.url, **values)
 
     yield spawn
-    for handle in procs:
-        if handle.proc.poll() is None:
-            handle.proc.send_signal(signal.SIGKILL)
-            handle.proc.wait()
+    kill_worker_processes(procs)

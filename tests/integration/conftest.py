@@ -265,15 +265,31 @@ def spawn_worker(vhost: str, mock: Mock, tmp_path: Any) -> Iterator[Callable[...
 
     def spawn(env: dict[str, str] | None = None, **overrides: Any) -> WorkerProcess:
         """A worker with these settings (`storage_url=...`) and, in `env`, other variables (AWS_*)."""
-        env = {**os.environ, **(env or {}), **worker_env(vhost, mock.url, **overrides), "PYTHONUNBUFFERED": "1"}
-        log_path = str(tmp_path / f"worker-{len(procs)}.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        handle = WorkerProcess(proc, int(env["SEEDANCE_METRICS_PORT"]), log_path)
-        procs.append(handle)
-        return handle
+        return start_worker_process(procs, tmp_path, vhost, mock.url, env, **overrides)
 
     yield spawn
+    kill_worker_processes(procs)
+
+
+def start_worker_process(
+    procs: list[WorkerProcess],
+    log_dir: Any,
+    broker_url: str,
+    mock_url: str,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> WorkerProcess:
+    """`seedance-worker` as a real process, its output in `log_dir`, added to `procs`."""
+    env = {**os.environ, **(env or {}), **worker_env(broker_url, mock_url, **overrides), "PYTHONUNBUFFERED": "1"}
+    log_path = str(log_dir / f"worker-{len(procs)}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    handle = WorkerProcess(proc, int(env["SEEDANCE_METRICS_PORT"]), log_path)
+    procs.append(handle)
+    return handle
+
+
+def kill_worker_processes(procs: list[WorkerProcess]) -> None:
     for handle in procs:
         if handle.proc.poll() is None:
             handle.proc.send_signal(signal.SIGKILL)

@@ -423,6 +423,8 @@ async def test_given_several_urls_the_worker_and_the_cli_use_one_that_answers(
     log = worker.log()
     assert f"connected to RabbitMQ at {live.split('@')[1].split('/')[0]}" in log
     assert "first-secret" not in log
+    ready = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=5).json()
+    assert ready["broker_node"] == live.split("@")[1].split("/")[0]
     done = await asyncio.to_thread(run, "worker.cli", "--amqp-url", f"{dead},{live}", "events", "--timeout", "0.5")
     assert done.returncode == 0, done.stderr
     worker.signal(signal.SIGTERM)

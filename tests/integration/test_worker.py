@@ -401,3 +401,24 @@ async def _declared(bus: Bus, queue: str) -> bool:
     except aio_pika.exceptions.ChannelClosed:
         return False
     return True
+
+
+async def test_a_deleted_permit_pool_is_reported_declared_again_and_refilled(
+    start_worker, bus: Bus, mock: Mock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tier's permits do not answer (here: their pool is gone): the tier says so, declares its permit
+    queues again (the new pool full), and jobs go on; nothing is dead-lettered."""
+    worker = await start_worker(default_max_in_flight=2, default_queue_ahead=0)
+    pool = "seedance.permits.default.slots.2"
+    assert await bus.queue_depth(pool) == 2, "the pool its creator filled"
+    raw = await bus.channel.get_underlay_channel()
+    await raw.queue_delete(pool)
+    await wait_for(lambda: _declared(bus, pool), what="the pool declared again")
+    assert "a permit queue of the default tier is missing" in caplog.text
+    await bus.publish(job("after-pool-1"))
+    assert (await bus.wait_terminal(["after-pool-1"]))["after-pool-1"]["status"] == "succeeded"
+    await wait_for(lambda: _status(worker, 200), what="ready again")
+    assert (await worker.readyz()).json()["permits_unreachable"] == {}
+    assert await worker.sample("seedance_permits_unreachable", tier="default") == 0
+    assert await bus.queue_depth(pool) == 2, "every slot free again once the job ended"
+    assert await bus.queue_depth("seedance.jobs.dead") == 0
