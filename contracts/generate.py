@@ -26,6 +26,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "error_body": api.ErrorBody,
     "job_message": messages.JobMessage,
     "job_event": messages.JobEvent,
+    "cancel_request": messages.CancelRequest,
 }
 
 
@@ -124,9 +125,13 @@ def asyncapi() -> dict[str, Any]:
         "channels": {
             "jobs": {
                 "address": "job.{tier}",
-                "description": "Topic exchange `seedance.jobs`; publish persistent messages.",
-                "parameters": {"tier": {"enum": list(messages.TIERS)}},
-                "messages": {"job": {"$ref": "#/components/messages/Job"}},
+                "description": "Topic exchange `seedance.jobs`; publish persistent messages: a job with "
+                "routing key job.default or job.flex, a cancel with routing key job.cancel.",
+                "parameters": {"tier": {"enum": [*messages.TIERS, "cancel"]}},
+                "messages": {
+                    "job": {"$ref": "#/components/messages/Job"},
+                    "cancel": {"$ref": "#/components/messages/Cancel"},
+                },
                 "bindings": {
                     "amqp": {
                         "is": "routingKey",
@@ -137,7 +142,7 @@ def asyncapi() -> dict[str, Any]:
             "events": {
                 "address": "job.{status}",
                 "description": "Topic exchange `seedance.events`; every job ends in exactly one terminal "
-                "status (succeeded, failed, expired, rejected). Redelivery after a crash may repeat an "
+                "status (succeeded, failed, expired, rejected, cancelled). Redelivery after a crash may repeat an "
                 "event: dedupe by job_id.",
                 "parameters": {"status": {"enum": list(get_args(messages.EventStatus))}},
                 "messages": {"event": {"$ref": "#/components/messages/Event"}},
@@ -157,13 +162,23 @@ def asyncapi() -> dict[str, Any]:
             },
         },
         "operations": {
-            "publishJob": {"action": "send", "channel": {"$ref": "#/channels/jobs"}},
+            "publishJob": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/jobs"},
+                "messages": [{"$ref": "#/channels/jobs/messages/job"}],
+            },
+            "cancelJob": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/jobs"},
+                "messages": [{"$ref": "#/channels/jobs/messages/cancel"}],
+            },
             "receiveEvent": {"action": "receive", "channel": {"$ref": "#/channels/events"}},
             "inspectDeadLetter": {"action": "receive", "channel": {"$ref": "#/channels/dead"}},
         },
         "components": {
             "messages": {
                 "Job": {"payload": {"$ref": "#/components/schemas/JobMessage"}},
+                "Cancel": {"payload": {"$ref": "#/components/schemas/CancelRequest"}},
                 "Event": {"payload": {"$ref": "#/components/schemas/JobEvent"}},
                 "DeadLetter": {
                     "headers": {"type": "object", "properties": {"x-seedance-reason": {"type": "string"}}},

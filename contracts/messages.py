@@ -15,14 +15,15 @@ from contracts.api import ServiceTier, SubmitRequest
 JOBS_EXCHANGE = "seedance.jobs"
 EVENTS_EXCHANGE = "seedance.events"
 DEAD_LETTER_QUEUE = "seedance.jobs.dead"
+CANCEL_ROUTING_KEY = "job.cancel"
 TIERS: tuple[ServiceTier, ...] = ("default", "flex")
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 METADATA_MAX_BYTES = 16 * 1024
 METADATA_MAX_DEPTH = 32
 
-# The one definition of event statuses: the last four end a job, and every job ends in exactly one of them.
-TerminalStatus = Literal["succeeded", "failed", "expired", "rejected"]
+# The one definition of event statuses: the last five end a job, and every job ends in exactly one of them.
+TerminalStatus = Literal["succeeded", "failed", "expired", "rejected", "cancelled"]
 EventStatus = Literal["submitted", "progress", TerminalStatus]
 TERMINAL_STATUSES: tuple[TerminalStatus, ...] = get_args(TerminalStatus)
 EVENT_STATUSES: tuple[str, ...] = ("submitted", "progress", *TERMINAL_STATUSES)
@@ -89,9 +90,23 @@ class JobMessage(BaseModel):
     )
 
 
+class CancelRequest(BaseModel):
+    """A producer's request to take a job back, published to `seedance.jobs` with routing key `job.cancel`.
+
+    A job not yet submitted then ends `cancelled` (code CANCELLED) at no cost; a submitted one ends
+    `cancelled` with code CANCELLED_AFTER_SUBMIT and its task id (it may still be billed); a job already
+    ended is left alone. Cancels are remembered for 72 h, so one may arrive before its job.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="The id of the job to cancel.")
+    reason: str | None = Field(default=None, max_length=1000, description="Why, echoed in the event's error.")
+
+
 class EventError(BaseModel):
     """Why a job did not succeed. `code` is the API's reason token or one of the worker's own
-    (INVALID_JOB, DEADLINE_EXCEEDED, TASK_EXPIRED, RETRIES_EXHAUSTED)."""
+    (INVALID_JOB, DEADLINE_EXCEEDED, TASK_EXPIRED, RETRIES_EXHAUSTED, CANCELLED, CANCELLED_AFTER_SUBMIT)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

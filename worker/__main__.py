@@ -25,6 +25,7 @@ from worker.handler import JobHandler
 from worker.health import HealthServer
 from worker.http_clients import http_client, timeouts
 from worker.intake import Intake
+from worker.job_ids import JobIds
 from worker.limits import TierLimits
 from worker.logs import configure
 from worker.metrics import Metrics
@@ -110,14 +111,15 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
                 "the video store", store.check_write, metrics.storage_access_ok, stopping, retry_max_seconds=retry_max
             )
             stack.push_async_callback(store_access.close)
-        intake = Intake(settings, limits, api_access, store_access, metrics, stopping)
+        ids = JobIds(metrics)
+        intake = Intake(settings, limits, api_access, store_access, metrics, stopping, ids)
         api_access.on_change = intake.wake
         if store_access is not None:
             store_access.on_change = intake.wake
         handler = JobHandler(
-            settings, api, limits, api_access, metrics, stopping, store=store, store_access=store_access
+            settings, api, limits, api_access, metrics, stopping, store=store, store_access=store_access, ids=ids
         )
-        service = Service(settings, handler, intake, limits, metrics, stopping, api_access, store_access)
+        service = Service(settings, handler, intake, limits, metrics, stopping, api_access, store_access, ids)
         await stack.enter_async_context(
             HealthServer(registry, service.readiness, settings.metrics_host, settings.metrics_port)
         )

@@ -30,7 +30,8 @@ from contracts.messages import DEAD_LETTER_QUEUE, TERMINAL_STATUSES, TIERS
 from worker import topology
 from worker.backoff import backoff_delay
 from worker.errors import InvalidJob
-from worker.handler import Defer, Delivery, Finish, JobHandler, Outcome, Reject, Track
+from worker.handler import Defer, Delivery, Duplicate, Finish, JobHandler, Outcome, Reject, Track
+from worker.job_ids import TAKE_HEADER, new_take
 from worker.metrics import Metrics
 from worker.publisher import Publishing, Received
 from worker.tracking import TrackingState, pick_delay_level
@@ -44,6 +45,7 @@ FAILURE_BACKOFF_MAX = 30.0  # a job is held this long at most (well under SEEDAN
 
 Kind = Literal["job", "tracking", "store"]
 Pause = Callable[[float], Awaitable[bool]]
+Record = Callable[[str], Awaitable[None]]
 
 
 async def _sleep(seconds: float) -> bool:
@@ -61,8 +63,11 @@ class Consumer:
         delivery_limit: int = 10,
         tracking_delays_ms: tuple[int, ...] = (1000,),
         pause: Pause = _sleep,
+        ended: Record | None = None,
     ) -> None:
-        """`pause(seconds)` waits out a back-off and says False when the worker is stopping instead."""
+        """`pause(seconds)` waits out a back-off and says False when the worker is stopping instead;
+        `ended(job_id)` records, for every replica, that a job's terminal event is out (worker.job_ids)."""
+        self._ended = ended
         self._handler = handler
         self._publisher = publisher
         self._metrics = metrics
@@ -109,7 +114,8 @@ class Consumer:
         if not counts:
             return None
         ended = ", ".join(f"{counts[s]} {s}" for s in TERMINAL_STATUSES)
-        return f"{counts['received']} jobs received, {counts['submitted']} submitted, {ended}"
+        line = f"{counts['received']} jobs received, {counts['submitted']} submitted, {ended}"
+        return line + (f", {counts['duplicate']} duplicates" if counts["duplicate"] else "")
 
     async def on_job(self, tier: ServiceTier, message: Received) -> None:
         self._jobs_in_hand[tier] += 1
@@ -124,11 +130,12 @@ class Consumer:
         with self._in_hand():
             self._counts["received"] += 1
             self._metrics.jobs_received.labels(tier).inc()
+            delivery = _delivery(message, tier)
             try:
-                outcome = await self._handler.handle_job(_delivery(message, tier))
+                outcome = await self._handler.handle_job(delivery)
                 await self._carry_out(outcome, message, tier)
             except Exception as exc:
-                await self._failed("job", tier, message, exc, None)
+                await self._failed("job", tier, message, exc, None, delivery.take)
 
     async def on_tracking(self, tier: ServiceTier, message: Received) -> None:
         self._tracking_in_hand[tier] += 1
@@ -162,7 +169,13 @@ class Consumer:
                 await self._failed(kind, tier, message, exc, state)
 
     async def _failed(
-        self, kind: Kind, tier: ServiceTier, message: Received, exc: Exception, state: TrackingState | None
+        self,
+        kind: Kind,
+        tier: ServiceTier,
+        message: Received,
+        exc: Exception,
+        state: TrackingState | None,
+        take: int = 0,
     ) -> None:
         """Handling `message` raised `exc`: put it back after a back-off, or park it once it has failed
         SEEDANCE_DELIVERY_LIMIT times; nack it (after the back-off) only when neither can be published."""
@@ -204,7 +217,10 @@ class Consumer:
                     return
                 stamp = stamp or datetime.now(UTC)  # the deadline must not move with the retry
             queue = self._retry_queue(kind, tier, delay)
-            await self._publisher.republish(message, queue, {FAILURES_HEADER: failures}, stamp)
+            headers: dict[str, Any] = {FAILURES_HEADER: failures}
+            if kind == "job":
+                headers[TAKE_HEADER] = take  # its own message, should the failure come after it was taken
+            await self._publisher.republish(message, queue, headers, stamp)
             await message.ack()
         except Exception:
             # The broker itself fails us: the delivery goes back as it is, but only after the back-off.
@@ -262,13 +278,17 @@ class Consumer:
             state = outcome.state
             # State and events go out together and the ack follows their confirms at once: for a fresh
             # submission, the time from the API's answer to the ack is the double-submission window.
+            ends = [e for e in outcome.events if e.status in TERMINAL_STATUSES]  # a cancel after submission
             await asyncio.gather(
                 publisher.track(state, outcome.delay),
                 *(publisher.event(e, state.reply_to, state.correlation_id) for e in outcome.events),
+                *(self._ended(state.job_id) for _ in ends[:1] if self._ended is not None),
             )
             await message.ack()
-            for event in outcome.events:
-                self._metrics.events_published.labels(event.status).inc()
+            for published in outcome.events:
+                self._metrics.events_published.labels(published.status).inc()
+            for ended in ends:
+                self._count_terminal(Finish(state, ended))
             if outcome.submitted and state.submitted_at is not None:
                 self._metrics.submit_window.observe((datetime.now(UTC) - state.submitted_at).total_seconds())
                 if log.isEnabledFor(logging.DEBUG):
@@ -276,13 +296,26 @@ class Consumer:
             self._counts["submitted"] += outcome.submitted
         elif isinstance(outcome, Finish):
             state, event = outcome.state, outcome.event
-            await publisher.event(event, state.reply_to, state.correlation_id)
+            if event is None:  # the job's terminal event went out before (cancelled after submission)
+                await message.ack()
+                return
+            await asyncio.gather(
+                publisher.event(event, state.reply_to, state.correlation_id),
+                *((self._ended(state.job_id),) if self._ended is not None else ()),
+            )
             await message.ack()
             self._metrics.events_published.labels(event.status).inc()
             self._count_terminal(outcome)
+        elif isinstance(outcome, Duplicate):
+            await message.ack()
+            self._counts["duplicate"] += 1
+            self._metrics.jobs_duplicate.labels(outcome.tier).inc()
+            log.info(
+                "a copy of a job already taken: acknowledged, not submitted again", extra={"job_id": outcome.job_id}
+            )
         elif isinstance(outcome, Defer):
             # The creation time goes into the timestamp: when the body has none, the deadline must not move.
-            headers = {ATTEMPTS_HEADER: outcome.attempts}
+            headers = {ATTEMPTS_HEADER: outcome.attempts, TAKE_HEADER: outcome.take}
             await publisher.republish(message, topology.job_queue(tier), headers, outcome.created_at)
             await message.ack()
             log.info("job returned to its queue: %s", outcome.reason)
@@ -304,6 +337,8 @@ class Consumer:
 
     def _count_terminal(self, outcome: Finish) -> None:
         state, event = outcome.state, outcome.event
+        if event is None:
+            return
         metrics = self._metrics
         metrics.jobs_completed.labels(state.tier, event.status).inc()
         if event.finished_at is not None:
@@ -330,7 +365,10 @@ class Consumer:
 
 
 def _delivery(message: Received, tier: ServiceTier) -> Delivery:
-    attempts = (message.headers or {}).get(ATTEMPTS_HEADER, 0)
+    headers = message.headers or {}
+    attempts = headers.get(ATTEMPTS_HEADER, 0)
+    take = headers.get(TAKE_HEADER)
+    take = take if isinstance(take, int) and not isinstance(take, bool) and take > 0 else None
     stamp = message.timestamp
     return Delivery(
         body=message.body,
@@ -340,6 +378,8 @@ def _delivery(message: Received, tier: ServiceTier) -> Delivery:
         correlation_id=message.correlation_id,
         attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0,
         redelivered=bool(message.redelivered),
+        take=take or new_take(),
+        take_header=take,
     )
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # Why a message could not become a job; also the label values of `seedance_jobs_rejected_total`.
-RejectReason = Literal["invalid_json", "schema", "oversize", "invalid_state"]
+RejectReason = Literal["invalid_json", "schema", "oversize", "invalid_state", "invalid_cancel"]
 REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 
 

@@ -4,9 +4,13 @@ Each call returns a complete outcome for the consumer to carry out (publish, con
 consumer never calls back in:
 
 - `Track`: publish this tracking state to come back after `delay` seconds (and these events);
-- `Finish`: publish this terminal event;
+- `Finish`: publish this terminal event (none when the job's terminal event went out already: a cancelled
+  job whose task the worker follows to its end);
 - `Defer`: put the job back in its queue untouched (a limit or back-off would hold it too long);
-- `Reject`: dead-letter the message with its reason (and publish this `rejected` event, when there is one).
+- `Reject`: dead-letter the message with its reason (and publish this `rejected` event, when there is one);
+- `Duplicate`: acknowledge a copy of a job already taken, and nothing else.
+
+Which jobs were taken, ended or cancelled, on any replica, comes from worker.job_ids.
 
 Nothing here raises on bad input or on API faults: an unreadable message is a `Reject`, an auth or account
 fault is reported to worker.access and the job goes back (`Defer`) or the task is polled later (`Track`).
@@ -21,7 +25,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -45,6 +49,7 @@ from worker.errors import (
     TransientApiError,
     VideoGone,
 )
+from worker.job_ids import Known
 from worker.limits import PermitsUnreachable, TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -68,6 +73,8 @@ class Delivery:
     correlation_id: str | None = None
     attempts: int = 0
     redelivered: bool = False
+    take: int = 0  # this taking of the message (worker.job_ids): the header's when it carries one
+    take_header: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +88,7 @@ class Track:
 @dataclass(frozen=True, slots=True)
 class Finish:
     state: TrackingState
-    event: JobEvent
+    event: JobEvent | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,13 @@ class Defer:
     reason: str
     created_at: datetime
     attempts: int
+    take: int = 0  # put back in the job's headers: its own message is no duplicate when it returns
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    job_id: str
+    tier: ServiceTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +111,14 @@ class Reject:
     event: JobEvent | None  # the `rejected` event, when the message had a readable job_id
 
 
-Outcome = Track | Finish | Defer | Reject
+Outcome = Track | Finish | Defer | Reject | Duplicate
+
+
+class Remembered(Protocol):
+    """The job ids all replicas remember (worker.job_ids.JobIds)."""
+
+    def known(self, job_id: str) -> Known: ...
+    async def taken(self, job_id: str, take: int) -> None: ...
 
 
 def utcnow() -> datetime:
@@ -116,15 +137,18 @@ class JobHandler:
         *,
         store: VideoStore | None = None,
         store_access: Access | None = None,
+        ids: Remembered | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        """With `store` (and its `store_access`), every successful video is copied before its event."""
+        """With `store` (and its `store_access`), every successful video is copied before its event; with
+        `ids`, copies of jobs already taken are never submitted again and cancels are honoured."""
         self._settings = settings
         self._api = api
         self._limits = limits
         self._api_access = api_access
         self._store = store
         self._store_access = store_access
+        self._ids = ids
         self._metrics = metrics
         self._stopping = stopping
         self._schedule = PollSchedule(settings)
@@ -185,14 +209,27 @@ class JobHandler:
             return Reject(exc, rejected)
         if job.request.service_tier != delivery.tier:
             log.info("job runs in the tier its request names", extra={"job_id": job.job_id, "tier": state.tier})
+        known = self._known(job.job_id)
+        if known.duplicate(delivery.take_header, delivery.redelivered):
+            return Duplicate(job.job_id, state.tier)
+        if known.cancelled:
+            return self._cancelled(state, known, "CANCELLED")
         if self._clock() >= state.deadline:
             return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
         if delivery.redelivered:
             # A delivery RabbitMQ hands out again may have been submitted by a worker that then died.
             self._metrics.possible_duplicates.labels(state.tier, "redelivered").inc()
-        return await self._submit(job, state)
+        return await self._submit(job, state, delivery.take, recorded=known.taken and known.take == delivery.take)
 
-    async def _submit(self, job: JobMessage, state: TrackingState) -> Outcome:
+    def _known(self, job_id: str) -> Known:
+        return self._ids.known(job_id) if self._ids is not None else Known()
+
+    def _cancelled(self, state: TrackingState, known: Known, code: str) -> Finish:
+        why = known.reason or "cancelled by its producer"
+        message = why if code == "CANCELLED" else f"{why} (after submission: the task may still be billed)"
+        return Finish(state, events.event(state, "cancelled", self._clock(), error=events.error(code, message)))
+
+    async def _submit(self, job: JobMessage, state: TrackingState, take: int, *, recorded: bool) -> Outcome:
         settings = self._settings
         limits = self._limits[state.tier]
         held = 0.0
@@ -202,19 +239,26 @@ class JobHandler:
             if now >= state.deadline:
                 return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
             if state.tier in self._released:
-                return Defer("its tier paused", state.created_at, state.attempts)
+                return Defer("its tier paused", state.created_at, state.attempts, take)
+            known = self._known(job.job_id)
+            if known.cancelled:  # while it waited here for a limit
+                return self._cancelled(state, known, "CANCELLED")
             wait = 0.0
             try:
                 async with limits.slot(state.tokens) as slot:
                     window = min(EXPIRES_MAX, max(EXPIRES_MIN, math.ceil((state.deadline - now).total_seconds())))
                     request = job.request.model_copy(update={"execution_expires_after": window})
+                    if not recorded and self._ids is not None:
+                        # Every replica learns of this job before the API does: a copy is no new job.
+                        await self._ids.taken(job.job_id, take)
+                        recorded = True
                     state = state.model_copy(update={"attempts": state.attempts + 1})
                     task_id = await self._api.submit(request)
                     slot.keep()
                 return self._submitted(state, task_id)
             except LimitReached as full:
                 if held + full.wait > settings.max_hold_seconds or state.tier in self._released:
-                    return Defer(f"{full.limit} limit reached", state.created_at, state.attempts)
+                    return Defer(f"{full.limit} limit reached", state.created_at, state.attempts, take)
                 wait = min(full.wait, settings.in_flight_refresh_seconds)
             except RateLimited as exc:
                 self._metrics.api_retries.labels("submit", "429").inc()
@@ -248,18 +292,18 @@ class JobHandler:
                         state, "expired", "DEADLINE_EXCEEDED", f"no retry fits before the deadline: {exc}"
                     )
                 if held + wait > settings.max_hold_seconds:
-                    return Defer("back-off longer than the hold limit", state.created_at, state.attempts)
+                    return Defer("back-off longer than the hold limit", state.created_at, state.attempts, take)
                 self._metrics.api_retries.labels("submit", exc.label).inc()
                 log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
             except ConfigurationFault as exc:
                 self._api_access.refused(exc.summary)
-                return Defer("the API refuses this worker's access", state.created_at, state.attempts)
+                return Defer("the API refuses this worker's access", state.created_at, state.attempts, take)
             except PermanentApiError as exc:
                 return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
             if not await self._stopping.sleep(wait):
-                return Defer("worker stopping", state.created_at, state.attempts)
+                return Defer("worker stopping", state.created_at, state.attempts, take)
             if state.tier in self._released:
-                return Defer("its tier paused", state.created_at, state.attempts)
+                return Defer("its tier paused", state.created_at, state.attempts, take)
             held += wait
 
     def _submitted(self, state: TrackingState, task_id: str) -> Track:
@@ -281,6 +325,14 @@ class JobHandler:
         ended, its running slot is free for another job at once."""
         if state.stage == "store":  # not a poll: back to the copy stage's queue
             return Track(state, 0.0)
+        if not state.cancelled and (known := self._known(state.job_id)).cancelled:
+            # The gateway cannot cancel a task: the job ends now, and its task is followed, silently, until
+            # the API reports its end, so that its running slot stays taken until then.
+            state = state.model_copy(update={"cancelled": True})
+            ended = self._cancelled(state, known, "CANCELLED_AFTER_SUBMIT")
+            assert ended.event is not None  # noqa: S101 - _cancelled always has one
+            early = 0.0 if state.next_poll_at is None else (state.next_poll_at - self._clock()).total_seconds()
+            return Track(state, max(0.0, early), (ended.event,))
         outcome = await self._poll(state)
         if isinstance(outcome, Finish) or outcome.state.stage == "store":
             try:
@@ -337,6 +389,8 @@ class JobHandler:
             video = result.videos[0]
             expires = now + timedelta(seconds=video.video_url_ttl)
             state = state.model_copy(update={"video_url": video.video_url, "video_url_expires_at": expires})
+            if state.cancelled:
+                return Finish(state, None)  # its `cancelled` event went out; nothing is copied
             if self._store is not None:
                 # The task is done (its slot is free); the copy is a stage of its own, on its own queues.
                 return Track(state.model_copy(update={"stage": "store"}), 0.0)
@@ -355,7 +409,7 @@ class JobHandler:
                 state, "expired", "DEADLINE_EXCEEDED", f"task still {task.status.value} at the deadline"
             )
         published: tuple[JobEvent, ...] = ()
-        if task.progress_percent != state.progress:
+        if task.progress_percent != state.progress and not state.cancelled:
             last = state.progress_event_at
             if last is None or (now - last).total_seconds() >= self._settings.progress_interval_seconds:
                 published = (events.event(state, "progress", now, progress=task.progress_percent),)
@@ -369,6 +423,10 @@ class JobHandler:
     # Keeping the video
     async def handle_store(self, state: TrackingState) -> Track | Finish:
         """Copy the video of a succeeded task into the store; finish `succeeded`, with the copy or why not."""
+        if state.cancelled:
+            return Finish(state, None)
+        if (known := self._known(state.job_id)).cancelled:
+            return self._cancelled(state, known, "CANCELLED_AFTER_SUBMIT")  # the video is not copied
         now = self._clock()
         if self._store is None or self._store_access is None or state.video_url is None:
             # Left by a replica with a store, while this one has none: the job still succeeded.
@@ -439,6 +497,8 @@ class JobHandler:
         return Track(state, (next_poll - now).total_seconds())
 
     def _finish(self, state: TrackingState, status: Literal["failed", "expired"], code: str, message: str) -> Finish:
+        if state.cancelled:
+            return Finish(state, None)  # the job ended `cancelled` already: its task's end says nothing more
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
 
 
@@ -463,4 +523,4 @@ def _readable_job_id(body: bytes) -> str | None:
     return job_id if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id) else None
 
 
-__all__ = ["Defer", "Delivery", "Finish", "JobHandler", "Outcome", "Reject", "Track"]
+__all__ = ["Defer", "Delivery", "Duplicate", "Finish", "JobHandler", "Outcome", "Reject", "Remembered", "Track"]

@@ -24,6 +24,7 @@ from contracts.messages import DEAD_LETTER_QUEUE, TIERS
 from worker import topology
 from worker.access import Access
 from worker.consumer import Consumer
+from worker.job_ids import JobIds
 from worker.leader import Leadership
 from worker.limits import TierLimits
 from worker.logs import Repeats
@@ -108,8 +109,10 @@ class Intake:
         store_access: Access | None,
         metrics: Metrics,
         stopping: Stopping,
+        ids: JobIds | None = None,
     ) -> None:
         self._settings = settings
+        self._ids = ids
         self._limits = limits
         self._api_access = api_access
         self._store_access = store_access
@@ -124,6 +127,10 @@ class Intake:
         self._redeclare = False
         self._declarer: AbstractChannel | None = None
         self._consumer: Consumer | None = None
+
+    def leads(self) -> bool:
+        """Whether this replica is the limits leader now (worker.leader)."""
+        return self._leadership.leader
 
     def wake(self) -> None:
         """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
@@ -207,7 +214,10 @@ class Intake:
                 # Open only while no limit of the tier was found full (or unreachable) just now: jobs wait
                 # in RabbitMQ, not in this replica's hands.
                 limits = self._limits[tier]
-                open_ = api_ok and store_ok and limits.wait_time() == 0
+                # ... and while this replica knows every job id taken so far (worker.job_ids): a copy of a
+                # job taken elsewhere must be recognised as one.
+                ids_current = self._ids is None or self._ids.current
+                open_ = api_ok and store_ok and ids_current and limits.wait_time() == 0
                 self._metrics.consumer_paused.labels(tier).set(0 if open_ else 1)
                 self._metrics.permits_unreachable.labels(tier).set(0 if limits.unreachable is None else 1)
                 wanted = ((self._jobs[tier], open_), (self._tracking[tier], api_ok), (self._store[tier], store_ok))

@@ -14,6 +14,7 @@ from contracts.messages import EVENT_STATUSES, TERMINAL_STATUSES, TIERS
 from worker.errors import REJECT_REASONS
 
 DUPLICATE_CAUSES = ("answer_lost", "redelivered")
+CANCEL_WHEN = ("before_submit", "after_submit", "after_end")
 ENDPOINTS = ("submit", "task-result")
 DELIVERY_KINDS = ("job", "tracking", "store")
 RESOLUTIONS = ("480p", "720p", "1080p")
@@ -291,6 +292,28 @@ class Metrics:
                 registry=registry,
             )
         )
+        self.jobs_duplicate = Family(
+            Counter(
+                "seedance_jobs_duplicate",
+                "Job messages whose job_id a worker had already taken: acknowledged, never submitted again.",
+                ["tier"],
+                registry=registry,
+            )
+        )
+        self.cancels = Family(
+            Counter(
+                "seedance_cancels",
+                "Cancels read by the limits leader (one count per cancel, whatever the replicas), by when they "
+                "arrived: before_submit (the job had not been taken yet), after_submit, after_end (nothing changes).",
+                ["when"],
+                registry=registry,
+            )
+        )
+        self.remembered_jobs = Gauge(
+            "seedance_remembered_job_ids",
+            "Job ids this replica remembers (taken, ended or cancelled within the last 72 h).",
+            registry=registry,
+        )
         self.events_published = Family(
             Counter("seedance_events_published", "Events published to seedance.events.", ["status"], registry=registry)
         )
@@ -320,6 +343,9 @@ class Metrics:
                 self.videos_stored.labels(tier, result)
             self.video_stored_bytes.labels(tier)
             self.unknown_task_status.labels(tier)
+            self.jobs_duplicate.labels(tier)
+        for when in CANCEL_WHEN:
+            self.cancels.labels(when)
         for kind in DELIVERY_KINDS:
             self.deliveries_failed.labels(kind)
             self.deliveries_parked.labels(kind)

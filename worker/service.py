@@ -24,6 +24,7 @@ from worker.backoff import backoff_delay
 from worker.consumer import Consumer
 from worker.handler import JobHandler
 from worker.intake import Intake
+from worker.job_ids import JobIds
 from worker.limits import Permits, TierLimits
 from worker.metrics import Metrics
 from worker.publisher import Publisher
@@ -48,8 +49,10 @@ class Service:
         stopping: Stopping,
         api_access: Access,
         store_access: Access | None = None,
+        ids: JobIds | None = None,
     ) -> None:
         self._settings = settings
+        self._ids = ids
         self._handler = handler
         self._intake = intake
         self._limits = limits
@@ -77,6 +80,7 @@ class Service:
             and store_ok
             and not unconsumed
             and not unreachable
+            and (self._ids is None or self._ids.current)
             and not self._stopping.is_set()
         )
         self._metrics.worker_ready.set(1 if ready else 0)
@@ -91,6 +95,8 @@ class Service:
             "consuming": self._intake.consuming(),
             "not_consumed": unconsumed,
             "permits_unreachable": unreachable,
+            "job_ids_current": self._ids is None or self._ids.current,
+            "job_ids_remembered": len(self._ids) if self._ids is not None else 0,
             "broker_node": self._connection.node if isinstance(self._connection, ClusterConnection) else None,
         }
 
@@ -107,6 +113,12 @@ class Service:
             permits = Permits(connection)
             for limits in self._limits.values():
                 await limits.attach(permits)
+            maintaining = None
+            if self._ids is not None:
+                # Every job id taken, ended or cancelled is known before the first job is taken.
+                if not await self._stopping.until(self._ids.open(connection, self._intake.leads)):
+                    return
+                maintaining = asyncio.create_task(self._ids.maintain())
             consumer = Consumer(
                 self._handler,
                 publisher,
@@ -114,6 +126,7 @@ class Service:
                 delivery_limit=self._settings.delivery_limit,
                 tracking_delays_ms=self._settings.tracking_delays_ms,
                 pause=self._stopping.sleep,
+                ended=self._ids.ended if self._ids is not None else None,
             )
             self.declared = True
             log.info("worker started", extra={"tiers": "default,flex"})
@@ -126,7 +139,12 @@ class Service:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(intake, timeout=5)
             await asyncio.gather(ready, return_exceptions=True)
+            if maintaining is not None:
+                maintaining.cancel()
+                await asyncio.gather(maintaining, return_exceptions=True)
         finally:
+            if self._ids is not None:
+                await self._ids.close()
             self._metrics.worker_ready.set(0)
             await connection.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 
 class Stopping:
@@ -28,4 +29,19 @@ class Stopping:
             await asyncio.wait_for(self._event.wait(), timeout=max(0.0, seconds))
         except TimeoutError:
             return True
+        return False
+
+    async def until(self, work: Awaitable[object]) -> bool:
+        """Run `work` to its end (True), or cancel it as soon as the worker is stopping (False)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         return False

@@ -59,6 +59,8 @@ class TrackingState(BaseModel):
     video_url: str | None = None
     video_url_expires_at: datetime | None = None
     store_attempts: int = 0
+    # The job ended `cancelled` after its submission: its task is followed to its end without more events.
+    cancelled: bool = False
 
 
 class PollSchedule:

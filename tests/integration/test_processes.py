@@ -116,27 +116,27 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, wor
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
-        (("worker.cli", "enqueue", "--duration", "five"), 2, "invalid int value"),
-        (("worker.cli", "enqueue", "--prompt", "p", "--image", "/no/such/file.png"), 2, "cannot read image"),
+        (("contracts.cli", "enqueue", "--duration", "five"), 2, "invalid int value"),
+        (("contracts.cli", "enqueue", "--prompt", "p", "--image", "/no/such/file.png"), 2, "cannot read image"),
         (
-            ("worker.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--duration", "30"),
+            ("contracts.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--duration", "30"),
             2,
             "request.duration",
         ),
-        (("worker.cli", "enqueue", "--prompt", "p", "--image", str(ROOT / "pyproject.toml")), 2, "not a readable"),
-        (("worker.cli", "frobnicate"), 2, "invalid choice"),
+        (("contracts.cli", "enqueue", "--prompt", "p", "--image", str(ROOT / "pyproject.toml")), 2, "not a readable"),
+        (("contracts.cli", "frobnicate"), 2, "invalid choice"),
         (
-            ("worker.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "{x"),
+            ("contracts.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "{x"),
             2,
             "not valid JSON",
         ),
         (
-            ("worker.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "[1]"),
+            ("contracts.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "[1]"),
             2,
             "JSON object",
         ),
         (
-            ("worker.cli", "--amqp-url", "notaurl", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png"),
+            ("contracts.cli", "--amqp-url", "notaurl", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png"),
             2,
             "--amqp-url",
         ),
@@ -229,7 +229,7 @@ def test_worker_help_lists_every_setting() -> None:
 
 
 def test_the_cli_cannot_reach_a_broker_in_one_line() -> None:
-    done = run("worker.cli", "--amqp-url", "amqp://guest:hunter2@127.0.0.1:1/", "events", "--count", "1")
+    done = run("contracts.cli", "--amqp-url", "amqp://guest:hunter2@127.0.0.1:1/", "events", "--count", "1")
     assert_one_line_error(done, 1, "cannot reach RabbitMQ")
     assert "hunter2" not in done.stderr
 
@@ -243,7 +243,7 @@ async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
     follower = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "worker.cli",
+        "contracts.cli",
         "events",
         "--count",
         "2",
@@ -260,7 +260,7 @@ async def test_enqueue_with_a_local_image_waits_for_the_terminal_event(
     sample = ROOT / "worker" / "samples" / "boat.png"
     done = await asyncio.to_thread(
         run,
-        "worker.cli",
+        "contracts.cli",
         "enqueue",
         "--image",
         str(sample),
@@ -405,7 +405,7 @@ async def test_a_missing_vhost_is_named_by_the_worker_and_the_cli(spawn_worker) 
     assert _readyz(worker) == 503
     worker.signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0
-    done = await asyncio.to_thread(run, "worker.cli", "--amqp-url", url, "events", "--count", "1")
+    done = await asyncio.to_thread(run, "contracts.cli", "--amqp-url", url, "events", "--count", "1")
     assert_one_line_error(done, 1, "RabbitMQ refused the virtual host 'no-such-vhost'")
 
 
@@ -425,7 +425,7 @@ async def test_given_several_urls_the_worker_and_the_cli_use_one_that_answers(
     assert "first-secret" not in log
     ready = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=5).json()
     assert ready["broker_node"] == live.split("@")[1].split("/")[0]
-    done = await asyncio.to_thread(run, "worker.cli", "--amqp-url", f"{dead},{live}", "events", "--timeout", "0.5")
+    done = await asyncio.to_thread(run, "contracts.cli", "--amqp-url", f"{dead},{live}", "events", "--timeout", "0.5")
     assert done.returncode == 0, done.stderr
     worker.signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0
@@ -453,7 +453,7 @@ async def test_enqueue_wait_says_the_job_is_still_waiting(spawn_worker, bus: Bus
     mock.faults(outcomes=[{"outcome": "hang", "prompt_contains": "forever"}])
     worker = spawn_worker()
     await asyncio.to_thread(wait_ready, worker)
-    args = ("worker.cli", "enqueue", "--image", "https://e.com/a.png", "--prompt", "forever", "--job-id", "wait-1")
+    args = ("contracts.cli", "enqueue", "--image", "https://e.com/a.png", "--prompt", "forever", "--job-id", "wait-1")
     done = await asyncio.to_thread(
         run, *args, "--wait", "--timeout", "3", "--status-every", "0.5", env=worker_env(vhost, mock.url)
     )

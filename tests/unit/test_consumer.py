@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from contracts.messages import DEAD_LETTER_QUEUE, JobEvent
 from worker import events
 from worker.consumer import ATTEMPTS_HEADER, FAILURES_HEADER, Consumer
+from worker.job_ids import TAKE_HEADER
 from worker.errors import InvalidJob
 from worker.handler import Defer, Delivery, Finish, Outcome, Reject, Track
 from worker.metrics import Metrics
@@ -200,9 +201,10 @@ async def test_a_refused_publish_returns_the_delivery_unacked_after_a_back_off(r
 async def test_a_handler_bug_puts_the_job_back_after_a_back_off_with_its_failure_count(rig: Rig) -> None:
     rig.publisher.confirm.set()
     rig.handler.outcome = RuntimeError("bug")
-    await rig.consumer.on_job("default", rig.message(timestamp=NOW))
+    await rig.consumer.on_job("default", rig.message(timestamp=NOW, headers={TAKE_HEADER: 77}))
     assert rig.log == ["back-off", "publish to seedance.jobs.default", "confirmed to seedance.jobs.default", "ack"]
-    assert rig.publisher.republished == [("seedance.jobs.default", {FAILURES_HEADER: 1}, NOW)]
+    # The job keeps its take token: should it have been taken before the failure, it is no duplicate.
+    assert rig.publisher.republished == [("seedance.jobs.default", {FAILURES_HEADER: 1, TAKE_HEADER: 77}, NOW)]
     assert rig.sample("seedance_deliveries_failed_total", kind="job") == 1
 
 
@@ -274,10 +276,10 @@ async def test_a_rejection_without_a_job_id_publishes_no_event(rig: Rig) -> None
 
 async def test_a_deferred_job_goes_back_to_its_queue_with_its_creation_time_then_is_acked(rig: Rig) -> None:
     rig.publisher.confirm.set()
-    rig.handler.outcome = Defer("tier limit reached", NOW, 3)
+    rig.handler.outcome = Defer("tier limit reached", NOW, 3, take=5)
     await rig.consumer.on_job("flex", rig.message())
     assert rig.log == ["publish to seedance.jobs.flex", "confirmed to seedance.jobs.flex", "ack"]
-    assert rig.publisher.republished == [("seedance.jobs.flex", {ATTEMPTS_HEADER: 3}, NOW)]
+    assert rig.publisher.republished == [("seedance.jobs.flex", {ATTEMPTS_HEADER: 3, TAKE_HEADER: 5}, NOW)]
 
 
 async def test_an_unreadable_tracking_state_is_dead_lettered_without_asking_the_handler(rig: Rig) -> None:
@@ -293,10 +295,15 @@ async def test_the_delivery_is_read_into_what_the_handler_needs(rig: Rig) -> Non
     rig.publisher.confirm.set()
     naive = datetime(2026, 11, 25, 11, 0)
     await rig.consumer.on_job(
-        "flex", rig.message(headers={ATTEMPTS_HEADER: 4}, timestamp=naive, redelivered=True, body=b"x")
+        "flex",
+        rig.message(headers={ATTEMPTS_HEADER: 4, TAKE_HEADER: 9}, timestamp=naive, redelivered=True, body=b"x"),
     )
-    (delivery,) = rig.handler.deliveries
-    assert delivery == Delivery(b"x", "flex", naive.replace(tzinfo=UTC), "reply-here", "corr-1", 4, True)
+    await rig.consumer.on_job("flex", rig.message(body=b"y"))
+    delivery, fresh = rig.handler.deliveries
+    assert delivery == Delivery(b"x", "flex", naive.replace(tzinfo=UTC), "reply-here", "corr-1", 4, True, 9, 9)
+    # A message without a take token gets a fresh one for this taking, and says it came without.
+    assert fresh.take_header is None
+    assert fresh.take > 0
 
 
 async def test_drain_waits_for_deliveries_in_hand_and_returns_the_rest(rig: Rig) -> None:
@@ -337,5 +344,7 @@ async def test_the_summary_counts_what_happened_since_the_last_one(rig: Rig) -> 
     await rig.consumer.on_job("default", rig.message())
     rig.handler.outcome = Finish(state(), events.event(state(), "succeeded", NOW))
     await rig.consumer.on_tracking("default", rig.message(body=state().model_dump_json().encode()))
-    assert rig.consumer.summary() == ("2 jobs received, 1 submitted, 1 succeeded, 0 failed, 0 expired, 1 rejected")
+    assert rig.consumer.summary() == (
+        "2 jobs received, 1 submitted, 1 succeeded, 0 failed, 0 expired, 1 rejected, 0 cancelled"
+    )
     assert rig.consumer.summary() is None, "counts start again"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from worker.cli import build_parser
+from contracts.cli import build_parser
 from worker.settings import Settings, describe, unknown_variables
 
 

@@ -1,11 +1,12 @@
-"""`seedance`: the producer's tool. `seedance enqueue` publishes a job (and with --wait follows it to its
-end); `seedance events` prints events as they are published. Both speak only the public wire contract."""
+"""`seedance`: the producer's tool, built on the producer's client (contracts.client). `seedance enqueue`
+publishes a job (and with --wait follows it to its end), `seedance events` prints events as they are
+published, `seedance cancel` takes a job back. It speaks only the public wire contract and loads nothing
+of the worker."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -17,38 +18,59 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from contracts import validation_message
-from contracts.brokers import BrokerUrlError, broker_urls, connect_first, describe_failure, redact, vhost
+from contracts.brokers import BrokerUrlError, broker_urls, describe_failure, redact, vhost
+from contracts.client import DEFAULT_AMQP_URL, Client, ClientError, InvalidJob, Job, NotRouted, dump
 from contracts.commandline import OneLineParser
 from contracts.images import ImageError, to_data_uri
-from contracts.messages import EVENT_STATUSES, EVENTS_EXCHANGE, JOBS_EXCHANGE, TERMINAL_STATUSES, JobMessage
+from contracts.messages import EVENT_STATUSES, JobEvent, JobMessage
 
-DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
+DEFAULT_TIMEOUT = 3600.0
+WAIT_EXIT_CODES = """exit status with --wait: 0 the job succeeded; 1 it ended otherwise (failed, expired, rejected,
+cancelled) or RabbitMQ could not be reached; 2 a bad argument or an invalid job; 3 no terminal event within
+--timeout (the job goes on). Without --wait: 0 once RabbitMQ confirmed the job."""
 
 
 class UsageError(Exception):
     """A bad argument: reported in one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="seedance", description="Publish Seedance jobs and follow their events.")
+def _amqp_option(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "--amqp-url",
-        default=os.environ.get("SEEDANCE_AMQP_URL", DEFAULT_AMQP),
+        default=default,
         help="RabbitMQ URL, or several URLs of one cluster separated by commas "
         "(default: $SEEDANCE_AMQP_URL or amqp://guest:guest@localhost:5672/)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    enqueue = commands.add_parser("enqueue", help="publish one job to seedance.jobs")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="seedance",
+        description="Publish Seedance jobs, follow their events, cancel them.",
+        epilog="seedance COMMAND --help describes each command.",
+    )
+    _amqp_option(parser, os.environ.get("SEEDANCE_AMQP_URL", DEFAULT_AMQP_URL))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    # Every command takes --amqp-url too, before or after its name (SUPPRESS: unset, the global one holds).
+    common = OneLineParser(add_help=False)
+    _amqp_option(common, argparse.SUPPRESS)
+
+    enqueue = commands.add_parser(
+        "enqueue",
+        parents=[common],
+        help="publish one job to seedance.jobs",
+        description="Publish one job to seedance.jobs (and with --wait, print its events until its end).",
+        epilog=WAIT_EXIT_CODES,
+    )
+    needed = enqueue.add_argument_group("required, unless --file holds them")
+    needed.add_argument("--image", help="first frame: an http(s) URL or a local image file")
+    needed.add_argument("--prompt", help="what the video shows")
     enqueue.add_argument("--file", type=Path, help="a JSON job message; flags below override its request fields")
     enqueue.add_argument("--job-id", help="job id (default: a random uuid)")
-    enqueue.add_argument("--image", help="first frame: an http(s) URL or a local image file")
     enqueue.add_argument("--last-image", help="last frame: an http(s) URL or a local image file")
-    enqueue.add_argument("--prompt", help="what the video shows")
     enqueue.add_argument("--duration", type=int, help="seconds of video, 4-12 (default 5)")
     enqueue.add_argument("--resolution", choices=["480p", "720p", "1080p"], help="video resolution (default 720p)")
     enqueue.add_argument(
@@ -66,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--expires-after", type=int, help="execution_expires_after in seconds (3600-259200)")
     enqueue.add_argument("--metadata", help="a JSON object echoed back on every event")
     enqueue.add_argument("--wait", action="store_true", help="print the job's events until its terminal one")
-    enqueue.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
+    enqueue.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"with --wait, give up waiting after this many seconds (default {DEFAULT_TIMEOUT:.0f}; exit status 3)",
+    )
     enqueue.add_argument(
         "--status-every",
         type=float,
@@ -75,11 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --wait, how often to say on stderr that the job is still waiting (0: never; default 30)",
     )
 
-    events = commands.add_parser("events", help="print events from seedance.events as JSON lines")
+    events = commands.add_parser(
+        "events",
+        parents=[common],
+        help="print events from seedance.events as JSON lines",
+        description="Print the events published to seedance.events from now on, one JSON object per line.",
+    )
     events.add_argument("--job-id", help="only this job's events")
     events.add_argument("--status", action="append", choices=EVENT_STATUSES, help="only these statuses (repeatable)")
     events.add_argument("--count", type=int, help="stop after this many events")
-    events.add_argument("--timeout", type=float, help="stop after this many seconds")
+    events.add_argument("--timeout", type=float, help="stop after this many seconds (default: never)")
+
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[common],
+        help="cancel a job by its id",
+        description="Cancel a job: not yet submitted, it ends cancelled at no cost; submitted, it ends cancelled "
+        "(it may still be billed); ended, nothing changes. The cancel may come before the job.",
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID", help="the job's id")
+    cancel.add_argument("--reason", help="why, echoed in the job's cancelled event")
     return parser
 
 
@@ -125,6 +167,9 @@ def build_job(args: argparse.Namespace) -> JobMessage:
         "camera_fixed": True if args.camera_fixed else None,
     }
     request.update({k: v for k, v in overrides.items() if v is not None})
+    for needed in ("image", "prompt"):
+        if not request.get(needed):
+            raise UsageError(f"--{needed} is required (or a --file whose request has {needed!r})")
     message["request"] = request
     message["job_id"] = args.job_id or message.get("job_id") or str(uuid.uuid4())
     if args.metadata is not None:
@@ -140,79 +185,55 @@ def build_job(args: argparse.Namespace) -> JobMessage:
         raise UsageError(f"invalid job: {validation_message(exc)}") from None
 
 
-async def _follow(channel: AbstractChannel, statuses: list[str] | None) -> AbstractQueue:
-    exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    for status in statuses or ["#"]:
-        await queue.bind(exchange, routing_key=f"job.{status}")
-    return queue
-
-
-def _print(body: bytes) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads(body)
-    print(json.dumps(event, ensure_ascii=False), flush=True)
-    return event
+def _print(event: JobEvent) -> None:
+    print(dump(event), flush=True)
 
 
 async def enqueue(args: argparse.Namespace) -> int:
     job = build_job(args)
-    connection = await connect_first(broker_urls(args.amqp_url))
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await _follow(channel, None) if args.wait else None
-        exchange = await channel.get_exchange(JOBS_EXCHANGE, ensure=False)
-        message = aio_pika.Message(
-            job.model_dump_json(exclude_none=True).encode(),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type="application/json",
-            message_id=job.job_id,
-            correlation_id=job.job_id,
-            reply_to=queue.name if queue else None,
-        )
+    async with await Client.connect(args.amqp_url, follow=args.wait) as client:
         try:
-            await exchange.publish(message, routing_key=f"job.{job.request.service_tier}")
-        except aio_pika.exceptions.PublishError:
+            handle = await client.submit_job(job)
+        except NotRouted:
             print("seedance: no queue took the job: start seedance-worker once so it declares them", file=sys.stderr)
             return 1
         print(json.dumps({"enqueued": job.job_id, "tier": job.request.service_tier}), flush=True)
-        if queue is None:
+        if not args.wait:
             return 0
-        return await _wait(queue, job.job_id, args.timeout, args.status_every)
+        return await _wait(handle, args.timeout, args.status_every)
 
 
-async def _wait(queue: AbstractQueue, job_id: str, give_up_after: float, status_every: float) -> int:
+async def _wait(job: Job, give_up_after: float, status_every: float) -> int:
     """Print the job's events until its terminal one (exit 0 on success, 1 otherwise, 3 after `give_up_after` s);
     meanwhile say every `status_every` seconds, on stderr, what the job is waiting in."""
-    arrived: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def on_event(incoming: AbstractIncomingMessage) -> None:
-        arrived.put_nowait(incoming.body)
-
-    await queue.consume(on_event, no_ack=True)
     started = time.monotonic()
     last, last_at, progress = "enqueued", started, 0
-    while (left := started + give_up_after - time.monotonic()) > 0:
-        try:
-            body = await asyncio.wait_for(arrived.get(), min(left, status_every or left))
-        except TimeoutError:
+
+    async def remind() -> None:
+        while True:
+            await asyncio.sleep(status_every)
             now = time.monotonic()
-            if now < started + give_up_after:
-                shown = f" ({progress} % rendered)" if last == "progress" else ""
-                print(
-                    f"seedance: {job_id} still waiting: last event {last}{shown} {_ago(now - last_at)} ago, "
-                    f"{_ago(now - started)} since it was enqueued",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            continue
-        event = json.loads(body)
-        if event.get("job_id") != job_id:
-            continue
-        _print(body)
-        last, last_at = str(event.get("status")), time.monotonic()
-        progress = event.get("progress_percent") or progress
-        if last in TERMINAL_STATUSES:
-            return 0 if last == "succeeded" else 1
+            shown = f" ({progress} % rendered)" if last == "progress" else ""
+            print(
+                f"seedance: {job.job_id} still waiting: last event {last}{shown} {_ago(now - last_at)} ago, "
+                f"{_ago(now - started)} since it was enqueued",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    reminder = asyncio.create_task(remind()) if status_every > 0 else None
+    try:
+        async for event in job.events(timeout=give_up_after):
+            _print(event)
+            last, last_at = event.status, time.monotonic()
+            progress = event.progress_percent or progress
+            if event.terminal:
+                return 0 if event.status == "succeeded" else 1
+    except TimeoutError:
+        pass
+    finally:
+        if reminder is not None:
+            reminder.cancel()
     print(f"seedance: no terminal event within {give_up_after:.0f} s", file=sys.stderr)
     return 3
 
@@ -224,27 +245,35 @@ def _ago(seconds: float) -> str:
 
 
 async def events(args: argparse.Namespace) -> int:
-    connection = await connect_first(broker_urls(args.amqp_url))
-    async with connection:
-        channel = await connection.channel()
-        queue = await _follow(channel, args.status)
+    async with await Client.connect(args.amqp_url) as client:
         print(
-            f"seedance: following {EVENTS_EXCHANGE} ({', '.join(args.status or ['all statuses'])})",
+            f"seedance: following seedance.events ({', '.join(args.status or ['all statuses'])})",
             file=sys.stderr,
             flush=True,
         )
         seen = 0
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(args.timeout), queue.iterator() as messages:
-                async for incoming in messages:
-                    await incoming.ack()
-                    if args.job_id and json.loads(incoming.body).get("job_id") != args.job_id:
-                        continue
-                    _print(incoming.body)
-                    seen += 1
-                    if args.count is not None and seen >= args.count:
-                        break
+        async for event in client.watch(args.status, timeout=args.timeout):
+            if args.job_id and event.job_id != args.job_id:
+                continue
+            _print(event)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
     return 0
+
+
+async def cancel(args: argparse.Namespace) -> int:
+    async with await Client.connect(args.amqp_url) as client:
+        try:
+            await client.cancel(args.job_id, args.reason)
+        except NotRouted:
+            print("seedance: no queue took the cancel: start seedance-worker once so it declares them", file=sys.stderr)
+            return 1
+    print(json.dumps({"cancel": args.job_id}), flush=True)
+    return 0
+
+
+COMMANDS = {"enqueue": enqueue, "events": events, "cancel": cancel}
 
 
 def _check_amqp_url(url: str) -> None:
@@ -255,17 +284,25 @@ def _check_amqp_url(url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("seedance: error: choose a command: enqueue, events or cancel (seedance --help)", file=sys.stderr)
+        sys.exit(2)
     # This tool reports failures itself, in one line; the AMQP libraries would add their own.
     for library in ("aiormq", "aio_pika"):
         logging.getLogger(library).setLevel(logging.CRITICAL)
-    command = enqueue if args.command == "enqueue" else events
+    command = COMMANDS[args.command]
     try:
         _check_amqp_url(args.amqp_url)
         code = asyncio.run(command(args))
-    except UsageError as exc:
+    except (UsageError, InvalidJob) as exc:
         print(f"seedance: error: {exc}", file=sys.stderr)
         code = 2
+    except ClientError as exc:
+        print(f"seedance: {exc}", file=sys.stderr)
+        code = 1
     except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
         print(f"seedance: {describe_failure(exc, vhost(args.amqp_url))} (at {redact(args.amqp_url)})", file=sys.stderr)
         code = 1

@@ -1,0 +1,428 @@
+"""The job ids every replica remembers for 72 h (the longest execution window), across restarts: which
+jobs were taken, which ended, which a producer cancelled. Nothing beyond RabbitMQ holds them.
+
+    seedance.jobs --job.cancel--> seedance.jobs.ids (stream, 72 h) <-- "taken" / "ended" records of the
+                                        |                              replicas (default exchange)
+                                        +--> every replica reads it from its snapshot's offset (or the
+                                             start) and then live, keeping one small int per id
+    seedance.jobs.ids.snapshots (stream, hours): the leader's snapshot of every id, with the offset of
+                                             the last record it covers, every SNAPSHOT_SECONDS
+
+A stream is a replicated, append-only log that every consumer reads on its own (nothing is taken off
+it); `x-max-age` drops whole segments older than the retention, so every record is kept at least that
+long. A producer's cancel lands in it directly, so a cancel is remembered even before its job arrives
+and while no worker runs.
+
+A replica is *current* once it has read back a mark it published itself: everything in the stream
+before the mark has been applied. It takes no job before that (at start-up, and again after a lost
+connection, when it resumes from the last offset it applied). Reading 300,000 records one by one costs
+about 15 s of CPU in aiormq; the snapshot makes start-up the snapshot (one message) plus the records
+written since it.
+
+A record is published (confirmed) before the job's first submit: a copy of the job that arrives at any
+replica after that record was read there is a duplicate. Replicas read records within milliseconds, so
+the promise covers a copy published at least one second after the first was taken (see the README for
+the case it does not cover: a copy that RabbitMQ itself hands out again while the first still runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from pamqp.common import FieldTable, FieldValue
+from pydantic import ValidationError
+
+from contracts import validation_message
+from contracts.messages import CANCEL_ROUTING_KEY, DEAD_LETTER_QUEUE, JOBS_EXCHANGE, CancelRequest
+from worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+IDS_STREAM = "seedance.jobs.ids"
+SNAPSHOT_STREAM = "seedance.jobs.ids.snapshots"
+RETENTION_SECONDS = 72 * 3600
+# The stream keeps a day more than promised: x-max-age drops whole segments, and a replica replaying a
+# snapshot must still find every record written after it.
+IDS_ARGUMENTS: dict[str, FieldValue] = {
+    "x-queue-type": "stream",
+    "x-max-age": "96h",
+    "x-stream-max-segment-size-bytes": 16_000_000,
+}
+SNAPSHOT_ARGUMENTS: dict[str, FieldValue] = {
+    "x-queue-type": "stream",
+    "x-max-age": "12h",
+    "x-stream-max-segment-size-bytes": 50_000_000,
+}
+SNAPSHOT_SECONDS = 600.0  # the leader writes a snapshot this often when records came in since the last
+SNAPSHOT_MAX_BYTES = 12 * 1024 * 1024  # under RabbitMQ 4.x's default max_message_size (16 MiB)
+PREFETCH = 2000
+ACK_EVERY = 500
+TAKE_HEADER = "x-seedance-take"
+
+# One int per id: flags in the low bits, the minute it was first seen above them, then the take token.
+TAKEN, ENDED, CANCELLED = 1, 2, 4
+_FLAGS = 3
+_MINUTE_BITS = 27
+
+
+def new_take() -> int:
+    """A token naming one taking of a job message: the record carries it, and so does the job message the
+    worker puts back in its queue, so the worker knows its own job from a producer's copy."""
+    return secrets.randbits(31) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the replicas know of one job id."""
+
+    taken: bool = False
+    ended: bool = False
+    cancelled: bool = False
+    take: int = 0
+    reason: str | None = None
+
+    def duplicate(self, take: int | None, redelivered: bool) -> bool:
+        """Whether a job message with this id is a copy of a job already taken: its own message put back
+        by the worker carries the take token of the record; one RabbitMQ hands out again (its holder died
+        before it was replaced) carries none and goes on, as it did before these records existed."""
+        if self.ended:
+            return True
+        if not self.taken:
+            return False
+        if take is not None:
+            return take != self.take
+        return not redelivered
+
+
+def _pack(flags: int, minute: int, take: int) -> int:
+    return (take << (_FLAGS + _MINUTE_BITS)) | (minute << _FLAGS) | flags
+
+
+def _minute(value: int) -> int:
+    return (value >> _FLAGS) & ((1 << _MINUTE_BITS) - 1)
+
+
+class JobIds:
+    """The remembered ids of this replica, kept current from the stream (see the module's docstring)."""
+
+    def __init__(self, metrics: Metrics, *, clock: Callable[[], float] = time.time) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._ids: dict[str, int] = {}
+        self._reasons: dict[str, str | None] = {}  # cancels only: a few, with their reason text
+        self._connection: AbstractRobustConnection | None = None
+        self._offset = -1  # the last record applied
+        self._snapshot_offset = -1  # the last record the newest snapshot covers
+        self._snapshot_at = 0.0
+        self._mark: str | None = None
+        self._caught_up = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._publisher: aiormq.abc.AbstractChannel | None = None
+        self._leads: Callable[[], bool] = lambda: False
+        self.replay_seconds: float | None = None
+
+    # What the replicas know
+    @property
+    def current(self) -> bool:
+        """Whether every record in the stream up to a mark published by this replica has been applied."""
+        return self._caught_up.is_set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def known(self, job_id: str) -> Known:
+        value = self._ids.get(job_id)
+        if value is None:
+            return Known()
+        return Known(
+            taken=bool(value & TAKEN),
+            ended=bool(value & ENDED),
+            cancelled=bool(value & CANCELLED),
+            take=value >> (_FLAGS + _MINUTE_BITS),
+            reason=self._reasons.get(job_id),
+        )
+
+    def apply(self, job_id: str, flags: int, take: int = 0, reason: str | None = None) -> int:
+        """Add what a record says; returns the flags the id had before. Records only ever add facts, so
+        the order they are read in (snapshot, replay, live) does not matter."""
+        before = self._ids.get(job_id)
+        if before is None:
+            minute = int(self._clock() // 60)
+            self._ids[job_id] = _pack(flags, minute, take)
+            old = 0
+        else:
+            old = before & ((1 << _FLAGS) - 1)
+            kept = before >> (_FLAGS + _MINUTE_BITS)
+            self._ids[job_id] = _pack(old | flags, _minute(before), kept or take)
+        if flags & CANCELLED:
+            self._reasons[job_id] = reason
+        return old
+
+    def forget_older(self, seconds: float = RETENTION_SECONDS) -> int:
+        """Drop ids first seen longer than `seconds` ago; returns how many."""
+        oldest = int((self._clock() - seconds) // 60)
+        stale = [job_id for job_id, value in self._ids.items() if _minute(value) < oldest]
+        for job_id in stale:
+            del self._ids[job_id]
+            self._reasons.pop(job_id, None)
+        return len(stale)
+
+    # Life on the broker
+    async def open(self, connection: AbstractRobustConnection, leads: Callable[[], bool]) -> None:
+        """Declare the streams, start reading, and return once current (the worker takes no job before)."""
+        self._connection = connection
+        self._leads = leads
+        channel = await _plain_channel(connection)
+        try:
+            await channel.queue_declare(IDS_STREAM, durable=True, arguments=IDS_ARGUMENTS)
+            await channel.queue_declare(SNAPSHOT_STREAM, durable=True, arguments=SNAPSHOT_ARGUMENTS)
+            await channel.queue_bind(IDS_STREAM, JOBS_EXCHANGE, routing_key=CANCEL_ROUTING_KEY)
+        finally:
+            await channel.close()
+        started = time.monotonic()
+        await self._load_snapshot()
+        self._reader = asyncio.create_task(self._read_forever())
+        await self._caught_up.wait()
+        self.replay_seconds = time.monotonic() - started
+        log.info(
+            "remembering %d job ids (read in %.1f s, from offset %d)", len(self._ids), self.replay_seconds, self._offset
+        )
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._publisher is not None and not self._publisher.is_closed:
+            with contextlib.suppress(Exception):
+                await self._publisher.close()
+
+    async def taken(self, job_id: str, take: int) -> None:
+        """Record, confirmed, that this job is about to be submitted (under this take token)."""
+        await self._record({"job_id": job_id, "record": "taken", "take": take})
+        self.apply(job_id, TAKEN, take)
+
+    async def ended(self, job_id: str) -> None:
+        """Record, confirmed, that this job's terminal event is out."""
+        await self._record({"job_id": job_id, "record": "ended"})
+        self.apply(job_id, ENDED | TAKEN)
+
+    async def _record(self, record: dict[str, Any]) -> None:
+        channel = await self._publishing()
+        confirm = await channel.basic_publish(
+            json.dumps(record, separators=(",", ":")).encode(),
+            routing_key=IDS_STREAM,
+            properties=aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json"),
+            mandatory=True,
+        )
+        if not isinstance(confirm, Basic.Ack):
+            raise aiormq.exceptions.DeliveryError(None, confirm)  # type: ignore[arg-type]
+
+    async def _publishing(self) -> aiormq.abc.AbstractChannel:
+        if self._publisher is None or self._publisher.is_closed:
+            assert self._connection is not None  # noqa: S101 - open() comes first
+            transport = self._connection.transport
+            if transport is None:
+                raise ConnectionError("not connected to RabbitMQ")
+            self._publisher = await transport.connection.channel(publisher_confirms=True, on_return_raises=True)
+        return self._publisher
+
+    # Reading
+    async def _read_forever(self) -> None:
+        """Read the stream from the last applied offset on, again after every lost channel or connection."""
+        assert self._connection is not None  # noqa: S101
+        while True:
+            try:
+                await self._connection.connected.wait()
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reading %s stopped (%s); resuming from offset %d", IDS_STREAM, exc, self._offset + 1)
+            self._caught_up.clear()
+            self._metrics.remembered_jobs.set(len(self._ids))
+            await asyncio.sleep(1.0)
+
+    async def _read(self) -> None:
+        assert self._connection is not None  # noqa: S101
+        channel = await _plain_channel(self._connection)
+        try:
+            await channel.basic_qos(prefetch_count=PREFETCH)
+            start: int | str = self._offset + 1 if self._offset >= 0 else "first"
+            unacked = 0
+
+            async def on_record(message: DeliveredMessage) -> None:
+                nonlocal unacked
+                self._on_record(message)
+                unacked += 1
+                if unacked >= ACK_EVERY or self._caught_up.is_set():
+                    unacked = 0
+                    await message.channel.basic_ack(message.delivery_tag or 0, multiple=True)
+
+            await channel.basic_consume(IDS_STREAM, on_record, arguments={"x-stream-offset": start})
+            self._mark = uuid.uuid4().hex
+            await self._record({"record": "mark", "mark": self._mark})
+            await channel.closing
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    def _on_record(self, message: DeliveredMessage) -> None:
+        headers = message.header.properties.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            if offset <= self._offset:
+                return  # already applied (a snapshot covered it)
+            self._offset = offset
+        if message.routing_key == CANCEL_ROUTING_KEY:
+            self._on_cancel(message.body)
+            return
+        try:
+            record = json.loads(message.body)
+            kind = record.get("record")
+            if kind == "mark":
+                if record.get("mark") == self._mark and not self._caught_up.is_set():
+                    self._caught_up.set()
+                    self._metrics.remembered_jobs.set(len(self._ids))
+                return
+            job_id = record["job_id"]
+            if kind == "taken":
+                self.apply(job_id, TAKEN, int(record.get("take", 0)))
+            elif kind == "ended":
+                self.apply(job_id, ENDED | TAKEN)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("an unreadable record in %s at offset %s: ignored", IDS_STREAM, offset)
+
+    def _on_cancel(self, body: bytes) -> None:
+        try:
+            cancel = CancelRequest.model_validate_json(body)
+        except ValidationError as exc:
+            if self.current and self._leads():
+                asyncio.get_running_loop().create_task(self._dead_letter(body, validation_message(exc)))
+            return
+        before = self.apply(cancel.job_id, CANCELLED, reason=cancel.reason)
+        if self.current and self._leads():
+            when = "after_end" if before & ENDED else "after_submit" if before & TAKEN else "before_submit"
+            self._metrics.cancels.labels(when).inc()
+            log.info("cancel of job %s read (%s)", cancel.job_id, when.replace("_", " "))
+
+    async def _dead_letter(self, body: bytes, why: str) -> None:
+        """A cancel no worker can read: the leader parks a copy in seedance.jobs.dead (the stream keeps the
+        original, as it keeps everything), once for all replicas."""
+        reason = f"invalid_cancel: {why}"
+        headers: FieldTable = {"x-seedance-reason": reason[:2000], "x-seedance-reason-code": "invalid_cancel"}
+        try:
+            channel = await self._publishing()
+            await channel.basic_publish(
+                body,
+                routing_key=DEAD_LETTER_QUEUE,
+                properties=aiormq.spec.Basic.Properties(delivery_mode=2, headers=headers),
+            )
+            self._metrics.jobs_rejected.labels("invalid_cancel").inc()
+            log.warning("dead-lettered a cancel: %s", reason)
+        except Exception as exc:
+            log.warning("could not dead-letter an unreadable cancel (%s)", exc)
+
+    # Snapshots
+    async def _load_snapshot(self) -> None:
+        """Start from the newest snapshot, when there is one: its ids, and the offset its records end at."""
+        assert self._connection is not None  # noqa: S101
+        channel = await _plain_channel(self._connection)
+        try:
+            declared = await channel.queue_declare(SNAPSHOT_STREAM, passive=True)
+            if not declared.message_count:
+                return
+            await channel.basic_qos(prefetch_count=1)
+            arrived: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+            async def on_snapshot(message: DeliveredMessage) -> None:
+                if not arrived.done():
+                    arrived.set_result(message.body)
+
+            await channel.basic_consume(SNAPSHOT_STREAM, on_snapshot, arguments={"x-stream-offset": "last"})
+            try:
+                body = await asyncio.wait_for(arrived, timeout=30)
+            except TimeoutError:
+                log.warning("no snapshot arrived from %s; reading %s from its start", SNAPSHOT_STREAM, IDS_STREAM)
+                return
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        try:
+            snapshot = json.loads(zlib.decompress(body))
+            ids: dict[str, int] = snapshot["ids"]
+            reasons: dict[str, str | None] = snapshot.get("reasons", {})
+            offset = int(snapshot["offset"])
+        except (ValueError, KeyError, TypeError, zlib.error):
+            log.warning(
+                "the newest snapshot in %s cannot be read; reading %s from its start", SNAPSHOT_STREAM, IDS_STREAM
+            )
+            return
+        self._ids.update(ids)
+        self._reasons.update(reasons)
+        self._offset = self._snapshot_offset = offset
+        self._snapshot_at = self._clock()
+
+    async def maintain(self, every: float = SNAPSHOT_SECONDS) -> None:
+        """Forever: forget ids past the retention; on the leader, write a snapshot when records came in."""
+        while True:
+            await asyncio.sleep(every)
+            self.forget_older()
+            self._metrics.remembered_jobs.set(len(self._ids))
+            if self._leads() and self.current and self._offset > self._snapshot_offset:
+                try:
+                    await self.snapshot()
+                except Exception as exc:
+                    log.warning("could not write a snapshot of the remembered job ids (%s)", exc)
+
+    async def snapshot(self) -> int:
+        """Publish every remembered id, with the offset of the last record applied; returns its size."""
+        offset = self._offset
+        body = zlib.compress(
+            json.dumps({"offset": offset, "ids": self._ids, "reasons": self._reasons}, separators=(",", ":")).encode(),
+            level=1,
+        )
+        if len(body) > SNAPSHOT_MAX_BYTES:
+            log.warning(
+                "a snapshot of %d job ids would be %d bytes, over %d: none written (start-up reads every record)",
+                len(self._ids),
+                len(body),
+                SNAPSHOT_MAX_BYTES,
+            )
+            return 0
+        channel = await self._publishing()
+        await channel.basic_publish(
+            body,
+            routing_key=SNAPSHOT_STREAM,
+            properties=aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/zlib"),
+            mandatory=True,
+        )
+        self._snapshot_offset = offset
+        log.info("wrote a snapshot of %d job ids (%d bytes, up to offset %d)", len(self._ids), len(body), offset)
+        return len(body)
+
+
+async def _plain_channel(connection: AbstractRobustConnection) -> aiormq.abc.AbstractChannel:
+    """A channel of the current connection that aio-pika does not restore: the reader resumes from its own
+    offset (a restored consumer would start again from the offset it was first given)."""
+    await connection.connected.wait()
+    transport = connection.transport
+    if transport is None:
+        raise ConnectionError("not connected to RabbitMQ")
+    return await transport.connection.channel()
+
+
+__all__ = ["IDS_STREAM", "SNAPSHOT_STREAM", "TAKE_HEADER", "JobIds", "Known", "new_take"]
