@@ -347,6 +347,8 @@ class Consumer:
             window = (state.deadline - state.created_at).total_seconds()
             if window > 0:
                 metrics.deadline_used.labels(state.tier).observe(min(1.0, elapsed / window))
+        if event.status == "cancelled" and event.error is not None:
+            metrics.cancels.labels("before_submit" if event.error.code == "CANCELLED" else "after_submit").inc()
         if event.status == "succeeded":
             metrics.video_seconds.labels(state.tier, state.resolution).inc(state.duration)
             metrics.billed_tokens.labels(state.tier, str(state.generate_audio).lower()).inc(state.tokens)

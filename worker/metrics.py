@@ -303,8 +303,8 @@ class Metrics:
         self.cancels = Family(
             Counter(
                 "seedance_cancels",
-                "Cancels read by the limits leader (one count per cancel, whatever the replicas), by when they "
-                "arrived: before_submit (the job had not been taken yet), after_submit, after_end (nothing changes).",
+                "Cancels by when they arrived: before_submit (the job ended cancelled at no cost), after_submit "
+                "(it ended cancelled, its task may be billed), after_end (nothing changed; counted by the leader).",
                 ["when"],
                 registry=registry,
             )

@@ -1,0 +1,111 @@
+"""The remembered job ids on a real broker: the stream, its snapshots, cancels landing in it, and a
+replica resuming after its connection was lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from contracts.brokers import ClusterConnection
+from contracts.client import Client
+from tests.integration.conftest import rabbitmqctl, wait_for
+from worker import topology
+from worker.job_ids import SNAPSHOT_STREAM, JobIds, Known
+from worker.metrics import Metrics
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.broker]
+
+
+@pytest.fixture
+async def connect(vhost: str) -> AsyncIterator[Callable[[], asyncio.Future[ClusterConnection]]]:
+    opened: list[ClusterConnection] = []
+
+    async def open_() -> ClusterConnection:
+        connection = ClusterConnection([vhost], reconnect_interval=0.2)
+        await connection.connect(timeout=10)
+        opened.append(connection)
+        return connection
+
+    first = await open_()
+    channel = await first.channel()
+    await topology.declare(channel, Settings())
+    await channel.close()
+    yield open_  # type: ignore[misc]
+    for connection in opened:
+        await connection.close()
+
+
+async def remembered(connection: ClusterConnection, leads: bool = False) -> JobIds:
+    ids = JobIds(Metrics(CollectorRegistry()))
+    await asyncio.wait_for(ids.open(connection, lambda: leads), timeout=30)
+    return ids
+
+
+async def snapshots(connection: ClusterConnection) -> int:
+    channel = await connection.channel()
+    try:
+        declared = await (await channel.get_underlay_channel()).queue_declare(SNAPSHOT_STREAM, passive=True)
+        return declared.message_count or 0
+    finally:
+        await channel.close()
+
+
+async def test_a_new_replica_starts_from_the_snapshot_and_reads_the_records_after_it(
+    vhost: str, connect: Callable[[], asyncio.Future[ClusterConnection]]
+) -> None:
+    connection = await connect()
+    first = await remembered(connection, leads=True)
+    await first.taken("a", 11)
+    await first.ended("a")
+    first.apply("in-snapshot-only", 1)  # never recorded: only the snapshot can tell another replica
+    assert await first.snapshot() > 0
+    await first.taken("b", 22)
+    async with await Client.connect(vhost) as client:
+        await client.cancel("c", "no longer wanted")
+    await wait_for(lambda: first.known("c").cancelled, what="the cancel read by the first replica")
+    await wait_for(lambda: snapshots(connection), what="the broker counting the snapshot")
+
+    second = await remembered(await connect())
+    assert second.known("a") == Known(taken=True, ended=True, take=11)
+    assert second.known("in-snapshot-only").taken
+    assert second.known("b") == Known(taken=True, take=22)
+    assert second.known("c") == Known(cancelled=True, reason="no longer wanted")
+    assert second.known("never") == Known()
+    await first.close()
+    await second.close()
+
+
+async def test_a_replica_without_any_snapshot_reads_the_stream_from_its_start(
+    connect: Callable[[], asyncio.Future[ClusterConnection]],
+) -> None:
+    first = await remembered(await connect())
+    for n in range(50):
+        await first.taken(f"job-{n}", n + 1)
+    second = await remembered(await connect())
+    assert len(second) == 50
+    assert second.known("job-49").take == 50
+    await first.close()
+    await second.close()
+
+
+async def test_after_a_lost_connection_a_replica_is_not_current_until_it_has_read_what_it_missed(
+    vhost: str, connect: Callable[[], asyncio.Future[ClusterConnection]]
+) -> None:
+    writer = await remembered(await connect())
+    reader = await remembered(await connect())
+    await writer.taken("before", 1)
+    await wait_for(lambda: reader.known("before").taken, what="the record read live")
+    name = vhost.rsplit("/", 1)[1]
+    rabbitmqctl("close_all_connections", "-p", name, "a test closes every connection")
+    await wait_for(lambda: not reader.current, what="the reader no longer current")
+    await wait_for(lambda: writer.current, timeout=30, what="the writer current again")
+    await writer.taken("while-away", 2)
+    await wait_for(lambda: reader.current, timeout=30, what="the reader current again")
+    await wait_for(lambda: reader.known("while-away").taken, what="the record written meanwhile")
+    assert reader.known("before").taken
+    await writer.close()
+    await reader.close()

@@ -1,0 +1,146 @@
+"""Remembered job ids and what the handler does with them: copies, cancels (broker-free; the stream
+itself is exercised in tests/integration/test_job_ids.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.unit.test_handler import Env, job, until_finished
+from tests.unit.test_handler import env as handler_env  # noqa: F401 - the fixture below builds on it
+from worker.handler import Delivery, Duplicate, Finish, JobHandler, Track
+from worker.job_ids import CANCELLED, ENDED, TAKEN, JobIds, Known
+from worker.metrics import Metrics
+
+
+class MemoryIds(JobIds):
+    """JobIds with its records kept in a list instead of the stream: what the handler recorded, and the
+    submits the API had seen when it did."""
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(Metrics(CollectorRegistry()))
+        self.env = env
+        self.records: list[tuple[dict[str, Any], int]] = []
+
+    async def _record(self, record: dict[str, Any]) -> None:
+        self.records.append((record, len(self.env.submits())))
+
+
+@pytest.fixture
+async def env(handler_env: Env) -> AsyncIterator[Env]:  # noqa: F811
+    yield handler_env
+
+
+@pytest.fixture
+def ids(env: Env) -> MemoryIds:
+    remembered = MemoryIds(env)
+    h = env.handler
+    env.handler = JobHandler(h._settings, h._api, h._limits, h._api_access, env.metrics, h._stopping, ids=remembered)
+    return remembered
+
+
+@pytest.mark.parametrize(
+    ("known", "take", "redelivered", "duplicate"),
+    [
+        (Known(), None, False, False),  # never seen
+        (Known(taken=True, take=7), None, False, True),  # a producer's copy
+        (Known(taken=True, take=7), 7, False, False),  # the worker's own message, put back
+        (Known(taken=True, take=7), 8, False, True),  # another copy's message, put back
+        (Known(taken=True, take=7), None, True, False),  # handed out again after its holder died
+        (Known(taken=True, ended=True, take=7), 7, True, True),  # ended: any copy is one
+        (Known(cancelled=True), None, False, False),  # cancelled, never taken: it ends cancelled
+    ],
+)
+def test_which_messages_are_copies(known: Known, take: int | None, redelivered: bool, duplicate: bool) -> None:
+    assert known.duplicate(take, redelivered) is duplicate
+
+
+def test_facts_accumulate_and_old_ids_are_forgotten() -> None:
+    now = [1_000_000.0]
+    ids = JobIds(Metrics(CollectorRegistry()), clock=lambda: now[0])
+    assert ids.apply("a", TAKEN, take=5) == 0
+    now[0] += 3600
+    assert ids.apply("a", ENDED) == TAKEN
+    assert ids.apply("a", TAKEN, take=9) == TAKEN | ENDED
+    assert ids.known("a") == Known(taken=True, ended=True, take=5)  # the first take stands
+    ids.apply("b", CANCELLED, reason="why")
+    assert ids.known("b") == Known(cancelled=True, reason="why")
+    now[0] += 72 * 3600 - 1800  # "a" was first seen 72.5 h ago, "b" 71.5 h ago
+    assert ids.forget_older() == 1
+    assert ids.known("a") == Known()
+    assert ids.known("b").cancelled
+    assert len(ids) == 1
+
+
+async def test_the_taken_record_is_written_before_the_api_sees_the_submit(env: Env, ids: MemoryIds) -> None:
+    outcome = await env.handler.handle_job(Delivery(job(job_id="j-1"), "default", take=42))
+    assert isinstance(outcome, Track)
+    assert ids.records == [({"job_id": "j-1", "record": "taken", "take": 42}, 0)]
+    assert len(env.submits()) == 1
+
+
+async def test_a_copy_is_acknowledged_without_a_submission(env: Env, ids: MemoryIds) -> None:
+    await env.handler.handle_job(Delivery(job(job_id="j-2"), "default", take=1))
+    copy = await env.handler.handle_job(Delivery(job(job_id="j-2"), "default", take=2))
+    assert copy == Duplicate("j-2", "default")
+    assert len(env.submits()) == 1
+
+
+async def test_its_own_message_put_back_is_submitted_without_a_second_record(env: Env, ids: MemoryIds) -> None:
+    ids.apply("j-3", TAKEN, take=11)  # taken by this worker, then put back (a back-off, a limit)
+    outcome = await env.handler.handle_job(Delivery(job(job_id="j-3"), "default", take=11, take_header=11))
+    assert isinstance(outcome, Track)
+    assert ids.records == []
+    assert len(env.submits()) == 1
+
+
+async def test_a_job_cancelled_before_it_came_ends_cancelled_at_no_cost(env: Env, ids: MemoryIds) -> None:
+    ids.apply("j-4", CANCELLED, reason="withdrawn")
+    outcome = await env.handler.handle_job(Delivery(job(job_id="j-4"), "default", take=3))
+    assert isinstance(outcome, Finish)
+    assert outcome.event is not None
+    assert outcome.event.status == "cancelled"
+    assert outcome.event.error is not None and outcome.event.error.code == "CANCELLED"
+    assert outcome.event.error.message == "withdrawn"
+    assert env.submits() == []
+    assert ids.records == []
+
+
+async def test_a_job_cancelled_after_submission_ends_at_once_and_its_task_is_followed_in_silence(
+    env: Env, ids: MemoryIds
+) -> None:
+    env.app.state.config.render_seconds["default"] = 600.0  # long enough to poll it a few times
+    submitted = await env.handler.handle_job(Delivery(job(job_id="j-5"), "default", take=4))
+    assert isinstance(submitted, Track)
+    ids.apply("j-5", CANCELLED)
+    cancelled = await env.handler.handle_tracking(submitted.state)
+    assert isinstance(cancelled, Track)
+    (event,) = cancelled.events
+    assert event.status == "cancelled"
+    assert event.error is not None and event.error.code == "CANCELLED_AFTER_SUBMIT"
+    assert event.task_id == submitted.state.task_id
+    assert cancelled.state.cancelled
+    outcome: Track | Finish = cancelled
+    published = []
+    for _ in range(10_000):
+        if isinstance(outcome, Finish):
+            break
+        published.extend(outcome.events)
+        await asyncio.sleep(max(0.0, outcome.delay))
+        outcome = await env.handler.handle_tracking(outcome.state)
+    assert isinstance(outcome, Finish)
+    assert outcome.event is None  # the task's end publishes nothing more
+    assert [e.status for e in published] == ["cancelled"]
+    assert outcome.state.polls > 0
+
+
+async def test_an_ended_job_is_never_taken_again_even_when_handed_out_again(env: Env, ids: MemoryIds) -> None:
+    final = await until_finished(env, await env.handler.handle_job(Delivery(job(job_id="j-6"), "default", take=5)))
+    assert final.event is not None and final.event.status == "succeeded"
+    ids.apply("j-6", ENDED)  # what the consumer records with the terminal event
+    again = await env.handler.handle_job(Delivery(job(job_id="j-6"), "default", redelivered=True, take=6))
+    assert again == Duplicate("j-6", "default")
