@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry
 from contracts.messages import DEAD_LETTER_QUEUE, JobEvent
 from worker import events
 from worker.consumer import ATTEMPTS_HEADER, FAILURES_HEADER, Consumer
-from worker.job_ids import TAKE_HEADER
 from worker.errors import InvalidJob
 from worker.handler import Defer, Delivery, Finish, Outcome, Reject, Track
+from worker.job_ids import TAKE_HEADER
 from worker.metrics import Metrics
 from worker.tracking import TrackingState
 

@@ -1,17 +1,22 @@
 """Remembered job ids and what the handler does with them: copies, cancels (broker-free; the stream
 itself is exercised in tests/integration/test_job_ids.py)."""
 
+# ruff: noqa: F811 - the handler tests' `env` fixture is imported, and named as a parameter in each test
+
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.unit.test_handler import Env, job, until_finished
-from tests.unit.test_handler import env as handler_env  # noqa: F401 - the fixture below builds on it
+from tests.unit.test_handler import (
+    Env,
+    env,  # noqa: F401 - the handler's fixture, used here too
+    job,
+    until_finished,
+)
 from worker.handler import Delivery, Duplicate, Finish, JobHandler, Track
 from worker.job_ids import CANCELLED, ENDED, TAKEN, JobIds, Known
 from worker.metrics import Metrics
@@ -28,11 +33,6 @@ class MemoryIds(JobIds):
 
     async def _record(self, record: dict[str, Any]) -> None:
         self.records.append((record, len(self.env.submits())))
-
-
-@pytest.fixture
-async def env(handler_env: Env) -> AsyncIterator[Env]:  # noqa: F811
-    yield handler_env
 
 
 @pytest.fixture
