@@ -9,7 +9,10 @@ reported with every run shown.
   per-hop latency does not scale, so smaller scales overstate it);
 - memory: the worker's resident memory idle and with 10,000 tasks in flight;
 - http: CPU per API request of the worker's API client on each SEEDANCE_HTTP_TRANSPORT (the mock in a
-  process of its own, so only the client's CPU is counted).
+  process of its own, so only the client's CPU is counted);
+- job_ids: a worker starting with 300,000 remembered job ids (three days at 100,000 jobs a day, each
+  with its `taken` and `ended` records): time to ready and resident memory, reading every record and
+  starting from the leader's snapshot.
 """
 
 from __future__ import annotations
@@ -553,6 +556,102 @@ def http_transports(runs: int, requests: int) -> None:
         mock.stop()
 
 
+def job_ids(runs: int, ids: int) -> None:  # noqa: PLR0915 - one scenario, its helpers inside
+    """Start-up of a worker whose stream holds `ids` jobs' records: from every record, then from a snapshot."""
+    import re  # noqa: PLC0415
+
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from contracts.brokers import ClusterConnection  # noqa: PLC0415
+    from worker.job_ids import IDS_ARGUMENTS, IDS_STREAM, JobIds  # noqa: PLC0415
+    from worker.metrics import Metrics  # noqa: PLC0415
+
+    async def fill(amqp: str) -> None:
+        connection = await aio_pika.connect(amqp)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            raw = await channel.get_underlay_channel()
+            await raw.queue_declare(IDS_STREAM, durable=True, arguments=IDS_ARGUMENTS)
+            batch: list[Any] = []
+            for n in range(ids):
+                job_id = str(uuid.uuid4())
+                for record in (
+                    {"job_id": job_id, "record": "taken", "take": n + 1},
+                    {"job_id": job_id, "record": "ended"},
+                ):
+                    batch.append(
+                        raw.basic_publish(json.dumps(record, separators=(",", ":")).encode(), routing_key=IDS_STREAM)
+                    )
+                if len(batch) >= 2000:
+                    await asyncio.gather(*batch)
+                    batch = []
+            await asyncio.gather(*batch)
+
+    async def snapshot(amqp: str) -> int:
+        connection = ClusterConnection([amqp])
+        await connection.connect()
+        try:
+            remembered = JobIds(Metrics(CollectorRegistry()))
+            await remembered.open(connection, lambda: True)
+            size = await remembered.snapshot()
+            await remembered.close()
+            return size
+        finally:
+            await connection.close()
+
+    def start(amqp: str, mock_url: str, log: Path) -> tuple[float, float, float, str]:
+        """Seconds from spawn to ready, the replay's own seconds (its log line), RSS when ready (MiB)."""
+        port = free_port()
+        env = {
+            **os.environ,
+            "SEEDANCE_AMQP_URL": amqp,
+            "SEEDANCE_API_BASE_URL": mock_url,
+            "SEEDANCE_API_KEY": KEY,
+            "SEEDANCE_METRICS_PORT": str(port),
+            "SEEDANCE_METRICS_HOST": "127.0.0.1",
+            "SEEDANCE_LOG_FORMAT": "text",
+        }
+        started = time.monotonic()
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while time.monotonic() - started < 300:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.05)
+            ready = time.monotonic() - started
+            rss = rss_mib(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        found = re.search(r"job ids \(read in ([0-9.]+) s, from (its start|a snapshot)", log.read_text())
+        if found is None:
+            return ready, float("nan"), rss, "?"
+        return ready, float(found.group(1)), rss, found.group(2)
+
+    mock = start_mock(time_scale=0.001, api_key=KEY, seed=1)
+    try:
+        with vhost() as amqp:
+            began = time.monotonic()
+            asyncio.run(fill(amqp))
+            print(f"job_ids: {ids} jobs, {2 * ids} records written in {time.monotonic() - began:.0f} s")
+            log = Path(f"/tmp/seedance-bench-{uuid.uuid4().hex[:8]}.log")
+            for prepare in (None, snapshot):
+                size = asyncio.run(prepare(amqp)) if prepare is not None else 0
+                figures = [start(amqp, mock.url, log) for _ in range(runs)]
+                ready, replay, rss = (statistics.median(f[i] for f in figures) for i in range(3))  # type: ignore[type-var]
+                shown = "; ".join(f"{a:.1f} s, {b:.1f} s, {c:.0f} MiB from {d}" for a, b, c, d in figures)
+                what = f"after a {size / 1e6:.1f} MB snapshot" if prepare else "every record"
+                print(
+                    f"  {what}: ready after {ready:.1f} s (reading the ids {replay:.1f} s), RSS when ready "
+                    f"{rss:.0f} MiB (runs: {shown})"
+                )
+            log.unlink(missing_ok=True)
+    finally:
+        mock.stop()
+
+
 def _event_loop() -> Any:
     """The worker's loop (uvloop) where it is installed."""
     try:
@@ -568,7 +667,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
-    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account", "http"])
+    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account", "http", "job_ids"])
+    parser.add_argument("--ids", type=int, default=300_000, help="job_ids: jobs remembered")
     parser.add_argument("--alone", action="store_true", help="throughput: the one worker process only")
     args = parser.parse_args()
     if args.only in (None, "throughput"):
@@ -583,6 +683,8 @@ def main() -> None:
         account(args.runs, 100, 5000)
     if args.only in (None, "http"):
         http_transports(args.runs, 5000)
+    if args.only in (None, "job_ids"):
+        job_ids(args.runs, args.ids)
 
 
 if __name__ == "__main__":

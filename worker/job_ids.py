@@ -68,6 +68,8 @@ SNAPSHOT_ARGUMENTS: dict[str, FieldValue] = {
     "x-stream-max-segment-size-bytes": 50_000_000,
 }
 SNAPSHOT_SECONDS = 600.0  # the leader writes a snapshot this often when records came in since the last
+SNAPSHOT_WAIT_SECONDS = 30.0  # for the newest snapshot, when the broker counts one
+SNAPSHOT_UNCOUNTED_WAIT_SECONDS = 1.0  # when it counts none (its count lags)
 SNAPSHOT_MAX_BYTES = 12 * 1024 * 1024  # under RabbitMQ 4.x's default max_message_size (16 MiB)
 PREFETCH = 2000
 ACK_EVERY = 500
@@ -134,6 +136,7 @@ class JobIds:
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._leads: Callable[[], bool] = lambda: False
         self.replay_seconds: float | None = None
+        self.snapshot_ids: int | None = None  # how many ids the snapshot started from held (None: no snapshot)
 
     # What the replicas know
     @property
@@ -198,8 +201,13 @@ class JobIds:
         self._reader = asyncio.create_task(self._read_forever())
         await self._caught_up.wait()
         self.replay_seconds = time.monotonic() - started
+        start = "its start" if self.snapshot_ids is None else f"a snapshot of {self.snapshot_ids} ids"
         log.info(
-            "remembering %d job ids (read in %.1f s, from offset %d)", len(self._ids), self.replay_seconds, self._offset
+            "remembering %d job ids (read in %.1f s, from %s, to offset %d)",
+            len(self._ids),
+            self.replay_seconds,
+            start,
+            self._offset,
         )
 
     async def close(self) -> None:
@@ -343,11 +351,10 @@ class JobIds:
         assert self._connection is not None  # noqa: S101
         channel = await _plain_channel(self._connection)
         try:
-            # The count lags a publish by about a second: a snapshot written just now may be missed, and
-            # then every record is read instead (slower, never wrong: the snapshot only saves time).
+            # The broker's count lags a publish by a few seconds: with none counted, a snapshot is still
+            # waited for briefly (one just written). Missing one is never wrong: it only saves time.
             declared = await channel.queue_declare(SNAPSHOT_STREAM, passive=True)
-            if not declared.message_count:
-                return
+            wait = SNAPSHOT_WAIT_SECONDS if declared.message_count else SNAPSHOT_UNCOUNTED_WAIT_SECONDS
             await channel.basic_qos(prefetch_count=1)
             arrived: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
@@ -357,9 +364,10 @@ class JobIds:
 
             await channel.basic_consume(SNAPSHOT_STREAM, on_snapshot, arguments={"x-stream-offset": "last"})
             try:
-                body = await asyncio.wait_for(arrived, timeout=30)
+                body = await asyncio.wait_for(arrived, timeout=wait)
             except TimeoutError:
-                log.warning("no snapshot arrived from %s; reading %s from its start", SNAPSHOT_STREAM, IDS_STREAM)
+                if declared.message_count:
+                    log.warning("no snapshot arrived from %s; reading %s from its start", SNAPSHOT_STREAM, IDS_STREAM)
                 return
         finally:
             if not channel.is_closed:
@@ -378,6 +386,7 @@ class JobIds:
         self._reasons.update(reasons)
         self._offset = self._snapshot_offset = offset
         self._snapshot_at = self._clock()
+        self.snapshot_ids = len(ids)
 
     async def maintain(self, every: float = SNAPSHOT_SECONDS) -> None:
         """Forever: forget ids past the retention; on the leader, write a snapshot when records came in."""
