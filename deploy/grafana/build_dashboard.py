@@ -56,7 +56,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
             ),
             Panel(
                 "Jobs completed by status",
-                "Jobs reaching a terminal status (succeeded, failed, expired, rejected), per second.",
+                "Jobs reaching a terminal status (succeeded, failed, expired, rejected, cancelled), per second.",
                 [(f"sum by (tier, status) (rate(seedance_jobs_completed_total{{{T}}}[{RI}]))", "{{tier}} {{status}}")],
                 "ops",
             ),
@@ -91,6 +91,17 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "a job had used when it ended; near 1 means jobs finish just in time or expire.",
                 quantiles("seedance_job_deadline_used_ratio", "tier", T, (0.5, 0.95)),
                 "percentunit",
+            ),
+            Panel(
+                "Cancels and duplicates",
+                "Cancels by when they arrived (before_submit: the job ended at no cost; after_submit: it ended, its "
+                "task may be billed; after_end: nothing changed), and job messages acknowledged as copies of a job "
+                "already taken (never submitted twice), per second.",
+                [
+                    (f"sum by (when) (rate(seedance_cancels_total[{RI}]))", "cancel {{when}}"),
+                    (f"sum by (tier) (rate(seedance_jobs_duplicate_total{{{T}}}[{RI}]))", "duplicate {{tier}}"),
+                ],
+                "ops",
             ),
             Panel(
                 "Rejected messages by reason",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import json
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -125,6 +127,11 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, wor
         ),
         (("contracts.cli", "enqueue", "--prompt", "p", "--image", str(ROOT / "pyproject.toml")), 2, "not a readable"),
         (("contracts.cli", "frobnicate"), 2, "invalid choice"),
+        (("contracts.cli", "enqueue", "--prompt", "p"), 2, "--image is required"),
+        (("contracts.cli", "enqueue", "--image", "https://e.com/a.png"), 2, "--prompt is required"),
+        (("contracts.cli", "cancel"), 2, "JOB_ID"),
+        (("contracts.cli", "cancel", "no spaces allowed"), 2, "job_id"),
+        (("contracts.cli", "events", "--amqp-url", "notaurl"), 2, "--amqp-url"),
         (
             ("contracts.cli", "enqueue", "--prompt", "p", "--image", "https://e.com/a.png", "--metadata", "{x"),
             2,
@@ -226,6 +233,42 @@ def test_worker_help_lists_every_setting() -> None:
     assert done.returncode == 0
     for name in Settings.model_fields:
         assert f"SEEDANCE_{name.upper()}" in done.stdout
+
+
+def test_the_cli_without_a_command_prints_its_usage() -> None:
+    done = run("contracts.cli")
+    assert done.returncode == 2
+    usage, error = done.stderr.strip().splitlines()
+    assert usage.startswith("usage: seedance")
+    assert "choose a command: enqueue, events or cancel" in error
+
+
+def test_every_command_shows_and_takes_the_global_options_after_its_name(vhost: str) -> None:
+    for command in ("enqueue", "events", "cancel"):
+        assert "--amqp-url" in run("contracts.cli", command, "--help").stdout
+    enqueue = run("contracts.cli", "enqueue", "--help").stdout
+    assert "required, unless --file holds them" in enqueue
+    assert "exit status with --wait: 0 the job succeeded" in enqueue
+    assert "default 3600" in enqueue
+    done = run("contracts.cli", "events", "--amqp-url", vhost, "--timeout", "0.2")
+    assert done.returncode == 0, done.stderr
+    assert "following seedance.events" in done.stderr
+
+
+async def test_seedance_cancel_takes_back_a_job_before_it_is_published(
+    spawn_worker: Callable[..., WorkerProcess], bus: Bus, mock: Mock, vhost: str
+) -> None:
+    await asyncio.to_thread(wait_ready, spawn_worker())
+    done = await asyncio.to_thread(run, "contracts.cli", "cancel", "cli-cancel-1", "--amqp-url", vhost, "--reason", "r")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"cancel": "cli-cancel-1"}
+    image = "https://e.com/a.png"
+    args = ("enqueue", "--image", image, "--prompt", "p", "--job-id", "cli-cancel-1", "--wait", "--timeout", "30")
+    waited = await asyncio.to_thread(run, "contracts.cli", *args, "--amqp-url", vhost)
+    assert waited.returncode == 1, waited.stderr  # it ended, not succeeded
+    final = json.loads(waited.stdout.splitlines()[-1])
+    assert (final["status"], final["error"]["code"], final["error"]["message"]) == ("cancelled", "CANCELLED", "r")
+    assert mock.submits() == []
 
 
 def test_the_cli_cannot_reach_a_broker_in_one_line() -> None:
