@@ -118,7 +118,7 @@ class Remembered(Protocol):
     """The job ids all replicas remember (worker.job_ids.JobIds)."""
 
     def known(self, job_id: str) -> Known: ...
-    async def taken(self, job_id: str, take: int) -> None: ...
+    async def taken(self, job_id: str, take: int) -> bool: ...
 
 
 def utcnow() -> datetime:
@@ -219,7 +219,9 @@ class JobHandler:
         if delivery.redelivered:
             # A delivery RabbitMQ hands out again may have been submitted by a worker that then died.
             self._metrics.possible_duplicates.labels(state.tier, "redelivered").inc()
-        return await self._submit(job, state, delivery.take, recorded=known.taken and known.take == delivery.take)
+        # Taken before and no copy: its own message put back, or handed out again after its holder died
+        # (then submitted again: the documented double-submission window). No second record either way.
+        return await self._submit(job, state, delivery.take, recorded=known.taken)
 
     def _known(self, job_id: str) -> Known:
         return self._ids.known(job_id) if self._ids is not None else Known()
@@ -250,7 +252,8 @@ class JobHandler:
                     request = job.request.model_copy(update={"execution_expires_after": window})
                     if not recorded and self._ids is not None:
                         # Every replica learns of this job before the API does: a copy is no new job.
-                        await self._ids.taken(job.job_id, take)
+                        if not await self._ids.taken(job.job_id, take):
+                            return Duplicate(job.job_id, state.tier)  # another copy's record came first
                         recorded = True
                     state = state.model_copy(update={"attempts": state.attempts + 1})
                     task_id = await self._api.submit(request)

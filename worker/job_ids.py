@@ -19,10 +19,11 @@ connection, when it resumes from the last offset it applied). Reading 300,000 re
 about 15 s of CPU in aiormq; the snapshot makes start-up the snapshot (one message) plus the records
 written since it.
 
-A record is published (confirmed) before the job's first submit: a copy of the job that arrives at any
-replica after that record was read there is a duplicate. Replicas read records within milliseconds, so
-the promise covers a copy published at least one second after the first was taken (see the README for
-the case it does not cover: a copy that RabbitMQ itself hands out again while the first still runs).
+A record is published (confirmed) before the job's first submit, and read back from the stream before
+the submit goes out: when a record of another copy of the job comes first in the stream, this copy is the
+duplicate. A copy that arrives after the first's record was read is known at once. Both hold on every
+replica, since all read one stream in one order (see the README for the case that is not covered: a copy
+that RabbitMQ itself hands out again, its holder dead, while the first is still being submitted).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ SNAPSHOT_MAX_BYTES = 12 * 1024 * 1024  # under RabbitMQ 4.x's default max_messag
 PREFETCH = 2000
 ACK_EVERY = 500
 TAKE_HEADER = "x-seedance-take"
+READ_BACK_SECONDS = 10.0  # a taken record not read back by then: the delivery fails, and is tried again
 
 # One int per id: flags in the low bits, the minute it was first seen above them, then the take token.
 TAKEN, ENDED, CANCELLED = 1, 2, 4
@@ -135,6 +137,7 @@ class JobIds:
         self._reader: asyncio.Task[None] | None = None
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._leads: Callable[[], bool] = lambda: False
+        self._reading_back: dict[tuple[str, int], asyncio.Future[None]] = {}
         self.replay_seconds: float | None = None
         self.snapshot_ids: int | None = None  # how many ids the snapshot started from held (None: no snapshot)
 
@@ -218,10 +221,25 @@ class JobIds:
             with contextlib.suppress(Exception):
                 await self._publisher.close()
 
-    async def taken(self, job_id: str, take: int) -> None:
-        """Record, confirmed, that this job is about to be submitted (under this take token)."""
-        await self._record({"job_id": job_id, "record": "taken", "take": take})
+    async def taken(self, job_id: str, take: int) -> bool:
+        """Record, confirmed, that this job is about to be submitted under this take token, and read the
+        record back: True when it is the job's first in the stream (submit it), False when another copy's
+        came first (this one is a duplicate). Every replica reads the stream in the same order, so copies
+        taken at the same moment, on one replica or several, agree on which one goes on."""
+        read_back = asyncio.get_running_loop().create_future()
+        self._reading_back[(job_id, take)] = read_back
+        try:
+            await self._record({"job_id": job_id, "record": "taken", "take": take})
+            await asyncio.wait_for(read_back, READ_BACK_SECONDS)
+        finally:
+            self._reading_back.pop((job_id, take), None)
+        return self.known(job_id).take == take
+
+    def _taken_read(self, job_id: str, take: int) -> None:
         self.apply(job_id, TAKEN, take)
+        read_back = self._reading_back.get((job_id, take))
+        if read_back is not None and not read_back.done():
+            read_back.set_result(None)
 
     async def ended(self, job_id: str) -> None:
         """Record, confirmed, that this job's terminal event is out."""
@@ -261,7 +279,6 @@ class JobIds:
             except Exception as exc:
                 log.warning("reading %s stopped (%s); resuming from offset %d", IDS_STREAM, exc, self._offset + 1)
             self._caught_up.clear()
-            self._metrics.remembered_jobs.set(len(self._ids))
             await asyncio.sleep(1.0)
 
     async def _read(self) -> None:
@@ -304,11 +321,10 @@ class JobIds:
             if kind == "mark":
                 if record.get("mark") == self._mark and not self._caught_up.is_set():
                     self._caught_up.set()
-                    self._metrics.remembered_jobs.set(len(self._ids))
                 return
             job_id = record["job_id"]
             if kind == "taken":
-                self.apply(job_id, TAKEN, int(record.get("take", 0)))
+                self._taken_read(job_id, int(record.get("take", 0)))
             elif kind == "ended":
                 self.apply(job_id, ENDED | TAKEN)
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -374,7 +390,8 @@ class JobIds:
                 await channel.close()
         try:
             snapshot = json.loads(zlib.decompress(body))
-            ids: dict[str, int] = snapshot["ids"]
+            del body
+            ids: dict[str, int] = snapshot.pop("ids")
             reasons: dict[str, str | None] = snapshot.get("reasons", {})
             offset = int(snapshot["offset"])
         except (ValueError, KeyError, TypeError, zlib.error):
@@ -382,7 +399,10 @@ class JobIds:
                 "the newest snapshot in %s cannot be read; reading %s from its start", SNAPSHOT_STREAM, IDS_STREAM
             )
             return
-        self._ids.update(ids)
+        if self._ids:
+            self._ids.update(ids)
+        else:
+            self._ids = ids  # not a copy: at 300,000 ids a second table costs tens of MiB
         self._reasons.update(reasons)
         self._offset = self._snapshot_offset = offset
         self._snapshot_at = self._clock()
@@ -393,7 +413,6 @@ class JobIds:
         while True:
             await asyncio.sleep(every)
             self.forget_older()
-            self._metrics.remembered_jobs.set(len(self._ids))
             if self._leads() and self.current and self._offset > self._snapshot_offset:
                 try:
                     await self.snapshot()

@@ -84,6 +84,8 @@ class Service:
             and not self._stopping.is_set()
         )
         self._metrics.worker_ready.set(1 if ready else 0)
+        if self._ids is not None:
+            self._metrics.remembered_jobs.set(len(self._ids))
         return {
             "ready": ready,
             "broker_connected": self.connected,

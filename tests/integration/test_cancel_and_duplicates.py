@@ -4,21 +4,22 @@ and the producer's client (README, "Cancelling a job, and the same job published
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contracts.client import Client
+from contracts.client import Client, NotConfirmed
 from contracts.messages import DEAD_LETTER_QUEUE
-from tests.integration.conftest import IMAGE, Bus, Mock, WorkerProcess, job, wait_for, wait_ready
+from tests.integration.conftest import IMAGE, Bus, Mock, WorkerProcess, job, rabbitmqctl, wait_for, wait_ready
 from tests.integration.test_processes import metric
 
 pytestmark = [pytest.mark.broker, pytest.mark.server, pytest.mark.slow]
@@ -232,3 +233,34 @@ async def test_the_readmes_client_example_runs_as_written(
     assert lines[-3].startswith("succeeded")
     assert lines[-2].startswith("video: http")
     assert lines[-1] in ("cancelled CANCELLED", "cancelled CANCELLED_AFTER_SUBMIT")
+
+
+@contextlib.contextmanager
+def publishers_blocked() -> Iterator[None]:
+    """A memory alarm on the broker: it stops reading from publishing connections, so no confirm comes."""
+    watermark = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
+    rabbitmqctl("set_vm_memory_high_watermark", "0")
+    try:
+        yield
+    finally:
+        rabbitmqctl("eval", f"vm_memory_monitor:set_vm_memory_high_watermark({watermark}).")
+
+
+async def test_a_job_whose_confirms_are_lost_is_sent_again_and_still_submitted_once(
+    vhost: str, bus: Bus, mock: Mock, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = spawn_worker()
+    await ready(worker)
+    async with await Client.connect(vhost, confirm_timeout=0.5, attempts=3) as client:
+        with publishers_blocked(), pytest.raises(NotConfirmed, match="after 3 attempts"):
+            await client.submit(image=IMAGE, prompt="boat resent-1", job_id="resent-1")
+        # The alarm over, the broker reads the three copies the client sent, and the worker takes them at
+        # once: the stream's order decides which one goes on.
+        await wait_for(
+            lambda: metric(worker, "seedance_jobs_duplicate_total", tier="default") == 2, what="the two copies"
+        )
+    (final,) = (await bus.wait_terminal(["resent-1"])).values()
+    assert final["status"] == "succeeded"
+    assert metric(worker, "seedance_jobs_received_total", tier="default") == 3
+    assert len(tasks_of(mock, "resent-1")) == 1
+    assert len(bus.terminal("resent-1")) == 1

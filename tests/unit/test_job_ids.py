@@ -30,9 +30,14 @@ class MemoryIds(JobIds):
         super().__init__(Metrics(CollectorRegistry()))
         self.env = env
         self.records: list[tuple[dict[str, Any], int]] = []
+        self.earlier: dict[str, int] = {}
 
     async def _record(self, record: dict[str, Any]) -> None:
         self.records.append((record, len(self.env.submits())))
+        if record["record"] == "taken":
+            if record["job_id"] in self.earlier:  # another copy's record lands in the stream just before
+                self._taken_read(record["job_id"], self.earlier[record["job_id"]])
+            self._taken_read(record["job_id"], record["take"])  # as the stream's reader would
 
 
 @pytest.fixture
@@ -90,9 +95,25 @@ async def test_a_copy_is_acknowledged_without_a_submission(env: Env, ids: Memory
     assert len(env.submits()) == 1
 
 
+async def test_of_two_copies_taken_at_once_the_one_whose_record_comes_first_goes_on(env: Env, ids: MemoryIds) -> None:
+    ids.earlier["j-7"] = 99  # unknown when this copy arrives; its record is read first all the same
+    outcome = await env.handler.handle_job(Delivery(job(job_id="j-7"), "default", take=1))
+    assert outcome == Duplicate("j-7", "default")
+    assert env.submits() == []
+    assert ids.known("j-7").take == 99
+
+
 async def test_its_own_message_put_back_is_submitted_without_a_second_record(env: Env, ids: MemoryIds) -> None:
     ids.apply("j-3", TAKEN, take=11)  # taken by this worker, then put back (a back-off, a limit)
     outcome = await env.handler.handle_job(Delivery(job(job_id="j-3"), "default", take=11, take_header=11))
+    assert isinstance(outcome, Track)
+    assert ids.records == []
+    assert len(env.submits()) == 1
+
+
+async def test_a_job_handed_out_again_after_its_holder_died_goes_on(env: Env, ids: MemoryIds) -> None:
+    ids.apply("j-8", TAKEN, take=12)  # the dead holder's record; its message comes back without a token
+    outcome = await env.handler.handle_job(Delivery(job(job_id="j-8"), "default", redelivered=True, take=13))
     assert isinstance(outcome, Track)
     assert ids.records == []
     assert len(env.submits()) == 1
