@@ -173,11 +173,12 @@ class Client:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             jobs = await channel.get_exchange(JOBS_EXCHANGE, ensure=False)
-            # A named queue that outlives a lost connection (aio-pika declares it again on reconnect), so the
-            # terminal events that arrive meanwhile wait for the client; x-expires removes it once unused.
+            # A named queue that outlives a lost connection, so the terminal events that arrive meanwhile
+            # wait for the client; x-expires removes it once unused. Durable: RabbitMQ 4.x deprecates
+            # transient queues that are not exclusive.
             replies = await channel.declare_queue(
                 f"seedance.client.{uuid.uuid4().hex}",
-                durable=False,
+                durable=True,
                 auto_delete=False,
                 arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
             )

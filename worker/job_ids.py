@@ -71,7 +71,8 @@ SNAPSHOT_ARGUMENTS: dict[str, FieldValue] = {
 SNAPSHOT_SECONDS = 600.0  # the leader writes a snapshot this often when records came in since the last
 SNAPSHOT_WAIT_SECONDS = 30.0  # for the newest snapshot, when the broker counts one
 SNAPSHOT_UNCOUNTED_WAIT_SECONDS = 1.0  # when it counts none (its count lags)
-SNAPSHOT_MAX_BYTES = 12 * 1024 * 1024  # under RabbitMQ 4.x's default max_message_size (16 MiB)
+SNAPSHOT_MAX_BYTES = 12 * 1024 * 1024
+SNAPSHOT_CHUNK = 1024 * 1024  # under RabbitMQ 4.x's default max_message_size (16 MiB)
 PREFETCH = 2000
 ACK_EVERY = 500
 TAKE_HEADER = "x-seedance-take"
@@ -389,24 +390,39 @@ class JobIds:
             if not channel.is_closed:
                 await channel.close()
         try:
-            snapshot = json.loads(zlib.decompress(body))
-            del body
-            ids: dict[str, int] = snapshot.pop("ids")
-            reasons: dict[str, str | None] = snapshot.get("reasons", {})
-            offset = int(snapshot["offset"])
+            offset, reasons, count = self._read_snapshot(body)
         except (ValueError, KeyError, TypeError, zlib.error):
             log.warning(
                 "the newest snapshot in %s cannot be read; reading %s from its start", SNAPSHOT_STREAM, IDS_STREAM
             )
             return
-        if self._ids:
-            self._ids.update(ids)
-        else:
-            self._ids = ids  # not a copy: at 300,000 ids a second table costs tens of MiB
         self._reasons.update(reasons)
         self._offset = self._snapshot_offset = offset
         self._snapshot_at = self._clock()
-        self.snapshot_ids = len(ids)
+        self.snapshot_ids = count
+
+    def _read_snapshot(self, body: bytes) -> tuple[int, dict[str, str | None], int]:
+        """Apply a snapshot's ids (decompressed a megabyte at a time, so that a few hundred thousand ids
+        never exist twice in memory); its offset, cancel reasons and how many ids it held."""
+        inflate = zlib.decompressobj()
+        pending = inflate.decompress(body, SNAPSHOT_CHUNK)
+        while b"\n" not in pending and not inflate.eof:  # a header longer than a chunk (many cancels)
+            pending += inflate.decompress(inflate.unconsumed_tail, SNAPSHOT_CHUNK)
+        head, _, pending = pending.partition(b"\n")
+        header = json.loads(head)
+        ids = self._ids  # empty: the snapshot is read before any record
+        count = 0
+        while True:
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                job_id, _, value = line.partition(b" ")
+                ids[job_id.decode()] = int(value)
+                count += 1
+            if inflate.eof:
+                break
+            pending += inflate.decompress(inflate.unconsumed_tail, SNAPSHOT_CHUNK)
+        return int(header["offset"]), header.get("reasons", {}), count
 
     async def maintain(self, every: float = SNAPSHOT_SECONDS) -> None:
         """Forever: forget ids past the retention; on the leader, write a snapshot when records came in."""
@@ -422,10 +438,16 @@ class JobIds:
     async def snapshot(self) -> int:
         """Publish every remembered id, with the offset of the last record applied; returns its size."""
         offset = self._offset
-        body = zlib.compress(
-            json.dumps({"offset": offset, "ids": self._ids, "reasons": self._reasons}, separators=(",", ":")).encode(),
-            level=1,
-        )
+        # A header line, then one line per id: read back a chunk at a time (see _read_snapshot).
+        deflate = zlib.compressobj(1)
+        header = json.dumps({"offset": offset, "reasons": self._reasons}, separators=(",", ":"))
+        parts = [deflate.compress(header.encode() + b"\n")]
+        ids = list(self._ids.items())
+        for start in range(0, len(ids), 10_000):
+            lines = "".join(f"{job_id} {value}\n" for job_id, value in ids[start : start + 10_000])
+            parts.append(deflate.compress(lines.encode()))
+        parts.append(deflate.flush())
+        body = b"".join(parts)
         if len(body) > SNAPSHOT_MAX_BYTES:
             log.warning(
                 "a snapshot of %d job ids would be %d bytes, over %d: none written (start-up reads every record)",
