@@ -249,21 +249,29 @@ class JobIds:
 
     async def _record(self, record: dict[str, Any]) -> None:
         channel = await self._publishing()
+        # Bounded: a stream without a leader, or a channel of a connection that just died, must fail the
+        # delivery (it backs off and is tried again), never hold it.
         confirm = await channel.basic_publish(
             json.dumps(record, separators=(",", ":")).encode(),
             routing_key=IDS_STREAM,
             properties=aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json"),
             mandatory=True,
+            timeout=READ_BACK_SECONDS,
         )
         if not isinstance(confirm, Basic.Ack):
             raise aiormq.exceptions.DeliveryError(None, confirm)  # type: ignore[arg-type]
 
     async def _publishing(self) -> aiormq.abc.AbstractChannel:
-        if self._publisher is None or self._publisher.is_closed:
-            assert self._connection is not None  # noqa: S101 - open() comes first
-            transport = self._connection.transport
-            if transport is None:
-                raise ConnectionError("not connected to RabbitMQ")
+        assert self._connection is not None  # noqa: S101 - open() comes first
+        transport = self._connection.transport
+        if transport is None:
+            raise ConnectionError("not connected to RabbitMQ")
+        # A channel of the connection before a reconnect may not say it is closed: one of the current one.
+        if (
+            self._publisher is None
+            or self._publisher.is_closed
+            or self._publisher.connection is not transport.connection
+        ):
             self._publisher = await transport.connection.channel(publisher_confirms=True, on_return_raises=True)
         return self._publisher
 
