@@ -41,7 +41,6 @@ from contracts.messages import (
     CANCEL_ROUTING_KEY,
     EVENTS_EXCHANGE,
     JOBS_EXCHANGE,
-    TERMINAL_STATUSES,
     CancelRequest,
     JobEvent,
     JobMessage,
@@ -431,7 +430,6 @@ def dump(event: JobEvent) -> str:
 
 
 __all__ = [
-    "TERMINAL_STATUSES",
     "BlockingClient",
     "BlockingJob",
     "Client",

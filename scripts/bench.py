@@ -57,11 +57,10 @@ def vhost() -> Iterator[str]:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)
 
 
-@contextmanager
-def worker(
-    amqp: str, mock_url: str, env_extra: dict[str, str] | None = None, **settings: Any
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
+def worker_env(
+    amqp: str, mock_url: str, port: int, env_extra: dict[str, str] | None = None, **settings: Any
+) -> dict[str, str]:
+    """The environment of a benchmarked worker process: the broker, the mock, its metrics port, settings."""
     env = {
         **os.environ,
         **(env_extra or {}),
@@ -70,9 +69,18 @@ def worker(
         "SEEDANCE_API_KEY": KEY,
         "SEEDANCE_METRICS_PORT": str(port),
         "SEEDANCE_METRICS_HOST": "127.0.0.1",
-        "SEEDANCE_LOG_LEVEL": settings.pop("log_level", "INFO"),  # the default: its cost is part of the job
     }
     env.update({f"SEEDANCE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+@contextmanager
+def worker(
+    amqp: str, mock_url: str, env_extra: dict[str, str] | None = None, **settings: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    # INFO, the default: its cost is part of the job.
+    env = worker_env(amqp, mock_url, port, env_extra, log_level=settings.pop("log_level", "INFO"), **settings)
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -602,15 +610,7 @@ def job_ids(runs: int, ids: int) -> None:  # noqa: PLR0915 - one scenario, its h
     def start(amqp: str, mock_url: str, log: Path) -> tuple[float, float, float, str]:
         """Seconds from spawn to ready, the replay's own seconds (its log line), RSS when ready (MiB)."""
         port = free_port()
-        env = {
-            **os.environ,
-            "SEEDANCE_AMQP_URL": amqp,
-            "SEEDANCE_API_BASE_URL": mock_url,
-            "SEEDANCE_API_KEY": KEY,
-            "SEEDANCE_METRICS_PORT": str(port),
-            "SEEDANCE_METRICS_HOST": "127.0.0.1",
-            "SEEDANCE_LOG_FORMAT": "text",
-        }
+        env = worker_env(amqp, mock_url, port, log_format="text")
         started = time.monotonic()
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT)

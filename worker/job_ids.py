@@ -132,7 +132,6 @@ class JobIds:
         self._connection: AbstractRobustConnection | None = None
         self._offset = -1  # the last record applied
         self._snapshot_offset = -1  # the last record the newest snapshot covers
-        self._snapshot_at = 0.0
         self._mark: str | None = None
         self._caught_up = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -406,7 +405,6 @@ class JobIds:
             return
         self._reasons.update(reasons)
         self._offset = self._snapshot_offset = offset
-        self._snapshot_at = self._clock()
         self.snapshot_ids = count
 
     def _read_snapshot(self, body: bytes) -> tuple[int, dict[str, str | None], int]:
