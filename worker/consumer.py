@@ -282,7 +282,7 @@ class Consumer:
             await asyncio.gather(
                 publisher.track(state, outcome.delay),
                 *(publisher.event(e, state.reply_to, state.correlation_id) for e in outcome.events),
-                *(self._ended(state.job_id) for _ in ends[:1] if self._ended is not None),
+                *(self._record_end(state.job_id) if ends else ()),
             )
             await message.ack()
             for published in outcome.events:
@@ -300,8 +300,7 @@ class Consumer:
                 await message.ack()
                 return
             await asyncio.gather(
-                publisher.event(event, state.reply_to, state.correlation_id),
-                *((self._ended(state.job_id),) if self._ended is not None else ()),
+                publisher.event(event, state.reply_to, state.correlation_id), *self._record_end(state.job_id)
             )
             await message.ack()
             self._metrics.events_published.labels(event.status).inc()
@@ -334,6 +333,10 @@ class Consumer:
         self._metrics.jobs_rejected.labels(error.reason).inc()
         self._metrics.jobs_completed.labels(tier, "rejected").inc()
         log.warning("dead-lettered a message: %s", error.reason, extra={"job_id": error.job_id or ""})
+
+    def _record_end(self, job_id: str) -> tuple[Awaitable[None], ...]:
+        """The `ended` record of a job whose terminal event goes out now (none without remembered ids)."""
+        return (self._ended(job_id),) if self._ended is not None else ()
 
     def _count_terminal(self, outcome: Finish) -> None:
         state, event = outcome.state, outcome.event

@@ -6,6 +6,7 @@ itself is exercised in tests/integration/test_job_ids.py)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.unit.test_handler import (
 from worker.handler import Delivery, Duplicate, Finish, JobHandler, Track
 from worker.job_ids import CANCELLED, ENDED, TAKEN, JobIds, Known
 from worker.metrics import Metrics
+from worker.tracking import TrackingState
 
 
 class MemoryIds(JobIds):
@@ -165,3 +167,29 @@ async def test_an_ended_job_is_never_taken_again_even_when_handed_out_again(env:
     ids.apply("j-6", ENDED)  # what the consumer records with the terminal event
     again = await env.handler.handle_job(Delivery(job(job_id="j-6"), "default", redelivered=True, take=6))
     assert again == Duplicate("j-6", "default")
+
+
+async def test_a_job_cancelled_while_its_video_waits_for_the_copy_ends_without_a_copy(env: Env, ids: MemoryIds) -> None:
+    state = TrackingState(
+        job_id="j-9",
+        tier="default",
+        task_id="t-9",
+        created_at=datetime.now(UTC),
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+        duration=5,
+        resolution="720p",
+        generate_audio=True,
+        tokens=1,
+        stage="store",
+        video_url="https://example.com/v.mp4",
+    )
+    ids.apply("j-9", CANCELLED)
+    outcome = await env.handler.handle_store(state)
+    assert isinstance(outcome, Finish)
+    assert outcome.event is not None
+    assert (outcome.event.status, outcome.event.task_id) == ("cancelled", "t-9")
+    assert outcome.event.error is not None and outcome.event.error.code == "CANCELLED_AFTER_SUBMIT"
+    assert outcome.event.stored_video is None and outcome.event.video_url is None
+    # Its `cancelled` event out, the state's next pass ends it in silence.
+    later = await env.handler.handle_store(state.model_copy(update={"cancelled": True}))
+    assert later == Finish(state.model_copy(update={"cancelled": True}), None)
