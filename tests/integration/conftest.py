@@ -350,14 +350,21 @@ class Bus:
         return {j: self.terminal(j)[0] for j in job_ids}
 
     async def queue_depth(self, name: str) -> int:
-        raw = await self.channel.get_underlay_channel()
-        declared = await raw.queue_declare(name, passive=True)
-        return declared.message_count or 0
+        return (await self._passive_declare(name)).message_count or 0
 
     async def consumers(self, name: str) -> int:
-        raw = await self.channel.get_underlay_channel()
-        declared = await raw.queue_declare(name, passive=True)
-        return declared.consumer_count or 0
+        return (await self._passive_declare(name)).consumer_count or 0
+
+    async def _passive_declare(self, name: str) -> Any:
+        """On a channel of its own: a missing queue closes the channel it was asked on, and the bus's
+        channel is reopened in the background, so the next question asked on it could meet the closed one."""
+        channel = await self.connection.channel()
+        try:
+            raw = await channel.get_underlay_channel()
+            return await raw.queue_declare(name, passive=True)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def get(self, queue_name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
         queue = await self.channel.get_queue(queue_name)
