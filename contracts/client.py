@@ -286,7 +286,8 @@ class Client:
             try:
                 await self._jobs.publish(message, routing_key, mandatory=True, timeout=self._confirm_timeout)
                 return  # noqa: TRY300 - the except clauses below are the retries of this one call
-            except aio_pika.exceptions.PublishError:
+            except (aio_pika.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity):
+                # Returned unroutable, or no seedance.jobs exchange at all (a vhost no worker has declared).
                 raise NotRouted(
                     f"no queue took the message (routing key {routing_key}): start seedance-worker once so it "
                     "declares them"
@@ -297,7 +298,6 @@ class Client:
                 aio_pika.exceptions.DeliveryError,
                 aio_pika.exceptions.ChannelInvalidStateError,
                 aiormq.exceptions.ConnectionClosed,
-                aiormq.exceptions.ChannelNotFoundEntity,
             ) as exc:
                 if attempt == self._attempts:
                     raise NotConfirmed(
