@@ -13,6 +13,7 @@ Passwords never leave this module in text: `redact` and `where` are what logs an
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -93,6 +94,27 @@ def describe_failure(exc: BaseException, vhost_name: str) -> str:
     if "message size" in text and "max size" in text:
         return f"RabbitMQ refused the message's size ({text[:200]})"
     return f"cannot reach RabbitMQ ({type(exc).__name__}: {text[:200]})" if text else type(exc).__name__
+
+
+MIB = 1024 * 1024
+
+
+def default_max_message_size(server_properties: Mapping[str, Any] | None) -> int:
+    """The `max_message_size` a RabbitMQ of this version has unless its operator changed it: 16 MiB from
+    4.0 on, 128 MiB before. The broker does not say its configured value over AMQP, so a raised limit is
+    something the operator also tells the worker (SEEDANCE_MAX_MESSAGE_BYTES)."""
+    version = (server_properties or {}).get("version", "")
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    major = str(version).split(".", 1)[0]
+    return 16 * MIB if major.isdigit() and int(major) >= 4 else 128 * MIB
+
+
+def broker_version(server_properties: Mapping[str, Any] | None) -> str:
+    """The product and version the broker announced (for logs): 'RabbitMQ 4.0.5'."""
+    properties = server_properties or {}
+    parts = [properties.get("product", ""), properties.get("version", "")]
+    return " ".join(p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in parts if p) or "unknown"
 
 
 class ClusterConnection(aio_pika.RobustConnection):

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from contracts import validation_message
 from contracts.api import EXPIRES_MAX, EXPIRES_MIN, ServiceTier, TaskResult, TaskStatus
+from contracts.brokers import default_max_message_size
 from contracts.messages import JOB_ID_PATTERN, EventError, JobEvent, JobMessage, StoredVideo
 from worker import events, topology
 from worker.access import Access
@@ -143,6 +144,8 @@ class JobHandler:
         """With `store` (and its `store_access`), every successful video is copied before its event; with
         `ids`, copies of jobs already taken are never submitted again and cancels are honoured."""
         self._settings = settings
+        # Until the service has heard the broker's version (no job arrives before): 3.x's default.
+        self.max_message_bytes = settings.max_message_bytes or default_max_message_size(None)
         self._api = api
         self._limits = limits
         self._api_access = api_access
@@ -167,7 +170,7 @@ class JobHandler:
     def read(self, delivery: Delivery) -> tuple[JobMessage, TrackingState]:
         """The job in a message and its first tracking state; InvalidJob, whatever is wrong with it."""
         body = delivery.body
-        limit = self._settings.max_message_bytes
+        limit = self.max_message_bytes
         if len(body) > limit:
             found = _JOB_ID.search(body[:4096])
             raise InvalidJob(

@@ -17,7 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.api import ServiceTier
-from contracts.brokers import ClusterConnection, describe_failure
+from contracts.brokers import ClusterConnection, broker_version, default_max_message_size, describe_failure
 from worker import topology
 from worker.access import Access
 from worker.backoff import backoff_delay
@@ -100,6 +100,7 @@ class Service:
             "job_ids_current": self._ids is None or self._ids.current,
             "job_ids_remembered": len(self._ids) if self._ids is not None else 0,
             "broker_node": self._connection.node if isinstance(self._connection, ClusterConnection) else None,
+            "max_message_bytes": self._handler.max_message_bytes,
         }
 
     async def run(self) -> None:
@@ -108,6 +109,7 @@ class Service:
         if connection is None:
             return
         self._connection = connection
+        self._follow_message_size(connection)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await topology.declare(channel, self._settings)
@@ -149,6 +151,14 @@ class Service:
                 await self._ids.close()
             self._metrics.worker_ready.set(0)
             await connection.close()
+
+    def _follow_message_size(self, connection: AbstractRobustConnection) -> None:
+        """Job messages as large as the broker takes by default for its version, unless set."""
+        properties = connection.transport.connection.server_properties if connection.transport else None
+        limit = self._settings.max_message_bytes or default_max_message_size(properties)
+        self._handler.max_message_bytes = limit
+        where = "SEEDANCE_MAX_MESSAGE_BYTES" if self._settings.max_message_bytes else "the broker's default"
+        log.info("broker: %s; job messages up to %d bytes (%s)", broker_version(properties), limit, where)
 
     async def _report(self, consumer: Consumer) -> None:
         """Keep the readiness gauge current, and log a summary of the work done every SUMMARY_SECONDS."""

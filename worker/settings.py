@@ -167,7 +167,14 @@ class Settings(BaseSettings):
     )
 
     # Messages and the broker
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Larger job messages are rejected.")
+    max_message_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Larger job messages are rejected. Unset: the broker's default `max_message_size` for its version "
+            "(16 MiB on RabbitMQ 4.x, 128 MiB on 3.x); set it when the broker's was changed."
+        ),
+    )
     delivery_limit: int = Field(
         default=10, ge=1, description="Deliveries of one job before RabbitMQ dead-letters it (quorum queues)."
     )

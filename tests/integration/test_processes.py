@@ -11,9 +11,11 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from tests.integration.conftest import (
     WorkerProcess,
     amqp_host,
     job,
+    rabbitmqctl,
     wait_for,
     wait_ready,
     worker_env,
@@ -506,3 +509,53 @@ async def test_enqueue_wait_says_the_job_is_still_waiting(spawn_worker, bus: Bus
     assert 2 <= len(waiting) <= 7, done.stderr
     assert re.search(r"last event (submitted|progress \(\d+ % rendered\)) \dm\d\ds ago", waiting[-1]), waiting[-1]
     assert "no terminal event within 3 s" in done.stderr
+
+
+def _broker_major() -> int:
+    return int(rabbitmqctl("eval", "rabbit_misc:version().").strip().strip('"').split(".")[0])
+
+
+async def test_the_worker_takes_job_messages_as_large_as_its_broker_does(spawn_worker, vhost: str) -> None:
+    """Unset, the limit is the broker's default max_message_size for its version (asked of rabbitmqctl here,
+    announced over AMQP to the worker); set, the setting."""
+    worker = spawn_worker()
+    await asyncio.to_thread(wait_ready, worker)
+    ready = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=2).json()
+    assert ready["max_message_bytes"] == (16 if _broker_major() >= 4 else 128) * 1024 * 1024
+    assert "job messages up to" in worker.log()
+    chosen = spawn_worker(max_message_bytes=5000)
+    await asyncio.to_thread(wait_ready, chosen)
+    assert httpx.get(f"http://127.0.0.1:{chosen.metrics_port}/readyz", timeout=2).json()["max_message_bytes"] == 5000
+
+
+def test_the_cli_on_a_vhost_no_worker_declared_says_so_at_once(vhost: str) -> None:
+    done = run("contracts.cli", "enqueue", "--amqp-url", vhost, "--image", "https://e.com/a.png", "--prompt", "p")
+    assert_one_line_error(done, 1, "no queue took the job: start seedance-worker once")
+
+
+async def test_the_cli_names_a_size_the_broker_refuses(spawn_worker, vhost: str, tmp_path: Path) -> None:
+    """A job with a local image over the broker's max_message_size is refused as too large, in one line,
+    not as an unreachable broker: on 4.x over its default (16 MiB); on 3.x (128 MiB by default) the limit
+    is lowered to 1 MiB at run time first (new channels take it)."""
+    await asyncio.to_thread(wait_ready, spawn_worker())
+    four = _broker_major() >= 4
+    image = tmp_path / "big.png"
+    header = struct.pack(">IIBBBBB", 1000, 1000, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">I", len(header)) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + os.urandom((17 if four else 1) * 1024 * 1024 + 1024))
+    before = rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip()
+    if not four:
+        rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 1048576).")
+    try:
+        args = ("enqueue", "--amqp-url", vhost, "--image", str(image), "--prompt", "p")
+        done = await asyncio.to_thread(run, "contracts.cli", *args)
+    finally:
+        if not four:
+            restore = (
+                f"application:set_env(rabbit, max_message_size, {before[4:-1]})."
+                if before.startswith("{ok,")
+                else ("application:unset_env(rabbit, max_message_size).")
+            )
+            rabbitmqctl("eval", restore)
+    assert rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip() == before
+    assert_one_line_error(done, 1, "RabbitMQ refused the message's size")

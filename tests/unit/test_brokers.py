@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from contracts.brokers import BrokerUrlError, broker_urls, describe_failure, redact, vhost, where
+from contracts.brokers import (
+    BrokerUrlError,
+    broker_urls,
+    broker_version,
+    default_max_message_size,
+    describe_failure,
+    redact,
+    vhost,
+    where,
+)
 from worker.settings import Settings
 
 
@@ -46,3 +57,23 @@ def test_every_password_of_a_list_is_redacted() -> None:
 def test_a_refused_message_size_is_named_as_such() -> None:
     error = Exception("PRECONDITION_FAILED - message size 20971520 is larger than configured max size 16777216")
     assert describe_failure(error, "/").startswith("RabbitMQ refused the message's size")
+
+
+@pytest.mark.parametrize(
+    ("properties", "limit"),
+    [
+        ({"product": b"RabbitMQ", "version": b"4.0.5"}, 16),
+        ({"product": "RabbitMQ", "version": "4.3.0"}, 16),
+        ({"product": "RabbitMQ", "version": "3.10.8"}, 128),
+        ({"product": "RabbitMQ", "version": "3.13.7"}, 128),
+        ({}, 128),
+        (None, 128),
+    ],
+)
+def test_the_default_message_size_limit_follows_the_broker_version(properties: Any, limit: int) -> None:
+    assert default_max_message_size(properties) == limit * 1024 * 1024
+
+
+def test_the_broker_version_is_named_for_the_log() -> None:
+    assert broker_version({"product": b"RabbitMQ", "version": b"4.0.5"}) == "RabbitMQ 4.0.5"
+    assert broker_version(None) == "unknown"

@@ -175,7 +175,9 @@ async def test_invalid_messages_are_refused_with_a_reason(
 
 
 async def test_an_oversize_message_is_refused_before_parsing(env: Env) -> None:
-    big = job(metadata={"pad": "x" * 100}) + b" " * (64 * 1024 * 1024)
+    assert env.handler.max_message_bytes == 128 * 1024 * 1024, "3.x's default until the broker is known"
+    env.handler.max_message_bytes = 16 * 1024 * 1024  # as the service sets it, connected to a 4.x
+    big = job(metadata={"pad": "x" * 100}) + b" " * (16 * 1024 * 1024)
     outcome = await env.handler.handle_job(Delivery(big, "default"))
     assert isinstance(outcome, Reject)
     assert (outcome.error.reason, outcome.error.job_id) == ("oversize", "job-1")
