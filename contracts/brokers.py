@@ -103,18 +103,20 @@ def default_max_message_size(server_properties: Mapping[str, Any] | None) -> int
     """The `max_message_size` a RabbitMQ of this version has unless its operator changed it: 16 MiB from
     4.0 on, 128 MiB before. The broker does not say its configured value over AMQP, so a raised limit is
     something the operator also tells the worker (SEEDANCE_MAX_MESSAGE_BYTES)."""
-    version = (server_properties or {}).get("version", "")
-    if isinstance(version, bytes):
-        version = version.decode(errors="replace")
-    major = str(version).split(".", 1)[0]
+    major = _announced(server_properties, "version").split(".", 1)[0]
     return 16 * MIB if major.isdigit() and int(major) >= 4 else 128 * MIB
 
 
 def broker_version(server_properties: Mapping[str, Any] | None) -> str:
     """The product and version the broker announced (for logs): 'RabbitMQ 4.0.5'."""
-    properties = server_properties or {}
-    parts = [properties.get("product", ""), properties.get("version", "")]
-    return " ".join(p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in parts if p) or "unknown"
+    parts = (_announced(server_properties, "product"), _announced(server_properties, "version"))
+    return " ".join(part for part in parts if part) or "unknown"
+
+
+def _announced(server_properties: Mapping[str, Any] | None, key: str) -> str:
+    """One of the server properties of Connection.Start, as text (aiormq gives bytes or str)."""
+    value = (server_properties or {}).get(key, "")
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class ClusterConnection(aio_pika.RobustConnection):

@@ -218,6 +218,7 @@ class Settings(BaseSettings):
         "default_daily_tokens",
         "flex_daily_tokens",
         "storage_url",
+        "max_message_bytes",
         mode="before",
     )
     @classmethod

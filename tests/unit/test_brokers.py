@@ -77,3 +77,8 @@ def test_the_default_message_size_limit_follows_the_broker_version(properties: A
 def test_the_broker_version_is_named_for_the_log() -> None:
     assert broker_version({"product": b"RabbitMQ", "version": b"4.0.5"}) == "RabbitMQ 4.0.5"
     assert broker_version(None) == "unknown"
+
+
+def test_an_empty_message_size_setting_means_the_broker_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEEDANCE_MAX_MESSAGE_BYTES", "")  # as compose writes `${VAR:-}`
+    assert Settings(api_key="k").max_message_bytes is None
