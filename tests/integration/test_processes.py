@@ -11,11 +11,9 @@ import os
 import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import httpx
 import pytest
 
 from contracts.messages import TERMINAL_STATUSES
+from tests.imaging import png
 from tests.integration.conftest import (
     MOCK_KEY,
     NO_QUOTAS,
@@ -540,9 +539,7 @@ async def test_the_cli_names_a_size_the_broker_refuses(spawn_worker, vhost: str,
     await asyncio.to_thread(wait_ready, spawn_worker())
     four = _broker_major() >= 4
     image = tmp_path / "big.png"
-    header = struct.pack(">IIBBBBB", 1000, 1000, 8, 2, 0, 0, 0)
-    ihdr = struct.pack(">I", len(header)) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
-    image.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + os.urandom((17 if four else 1) * 1024 * 1024 + 1024))
+    image.write_bytes(png(1000, 1000) + os.urandom((17 if four else 1) * 1024 * 1024 + 1024))  # padded after IEND
     before = rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip()
     if not four:
         rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 1048576).")
