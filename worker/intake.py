@@ -1,10 +1,13 @@
-"""Intake: which queues this replica consumes, and the broker counts that decide it.
+"""Intake: which queues this replica consumes.
 
 A tier's job queue is consumed while the API accepts the worker's key, the video store (when there is
 one) accepts its credentials, and the tier's limits could admit the cheapest job now; otherwise its
 consumer is cancelled and jobs wait in RabbitMQ, not in memory. The tracking queues are consumed while
-the API accepts the key, the copy-stage queues while the store accepts the credentials. Tasks in flight
-are recounted from the broker every `SEEDANCE_IN_FLIGHT_REFRESH_SECONDS` (see `_recount`).
+the API accepts the key, the copy-stage queues while the store accepts the credentials. A consumer the
+broker cancelled is consumed again, after the topology is declared again.
+
+Intake runs beside it the recount of tasks in flight (worker.recount), which also keeps the leader
+(worker.leader) ticking.
 """
 
 from __future__ import annotations
@@ -20,21 +23,20 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contracts.api import ServiceTier
-from contracts.messages import DEAD_LETTER_QUEUE, TIERS
+from contracts.messages import TIERS
 from worker import topology
 from worker.access import Access
 from worker.consumer import Consumer
 from worker.job_ids import JobIds
 from worker.leader import Leadership
 from worker.limits import TierLimits
-from worker.logs import Repeats
 from worker.metrics import Metrics
+from worker.recount import Recount
 from worker.settings import Settings
 from worker.stopping import Stopping
 
 log = logging.getLogger(__name__)
 
-RECOUNT_REMIND_SECONDS = 60.0
 HAND_BACK_SECONDS = 5.0  # a paused tier's jobs in hand are settled before its consumer is cancelled
 
 Callback = Callable[[ServiceTier, AbstractIncomingMessage], Awaitable[None]]
@@ -123,6 +125,9 @@ class Intake:
         self._tracking: dict[ServiceTier, _Feed] = {}
         self._store: dict[ServiceTier, _Feed] = {}
         self._leadership = Leadership()
+        self._recount = Recount(
+            settings, limits, metrics, stopping, self._leadership, counted=self.wake, queue_missing=self._queue_missing
+        )
         self._unconsumed: list[str] = []  # queues meant to be consumed that are not, now
         self._redeclare = False
         self._declarer: AbstractChannel | None = None
@@ -131,6 +136,9 @@ class Intake:
     def leads(self) -> bool:
         """Whether this replica is the limits leader now (worker.leader)."""
         return self._leadership.leader
+
+    def _queue_missing(self) -> None:
+        self._redeclare = True  # the supervisor declares the topology again at its next round
 
     def wake(self) -> None:
         """Re-decide now (the API's verdict on the key changed, say) rather than at the next round."""
@@ -178,7 +186,7 @@ class Intake:
         # Both loops end by themselves once stopping is set (cancelling a passive declare mid-way would
         # make aiormq close its channel with a warning).
         try:
-            await asyncio.gather(self._supervise(), self._recount(connection, counter, consumer))
+            await asyncio.gather(self._supervise(), self._recount.run(connection, counter, consumer))
         finally:
             await self._leadership.close()
 
@@ -243,53 +251,3 @@ class Intake:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._settings.in_flight_refresh_seconds)
-
-    async def _recount(
-        self, connection: AbstractRobustConnection, channel: AbstractChannel, consumer: Consumer
-    ) -> None:
-        """Tasks in flight per tier = tracking messages of the tier in the broker (any replica's), plus the
-        account's usage of its limits; the leader among the replicas also reconciles the slot permits.
-
-        The queues are read in the direction messages flow (delay queues, then the tracking queue, then
-        the deliveries in hand), so a message moving during the count is seen twice rather than missed.
-        """
-        repeats = Repeats(RECOUNT_REMIND_SECONDS)
-        while not self._stopping.is_set():
-            try:
-                leader = await self._leadership.claim(connection)
-                self._metrics.limits_leader.set(1 if leader else 0)
-                raw = await channel.get_underlay_channel()
-                for tier in TIERS:
-                    limits = self._limits[tier]
-                    await limits.check()
-                    if limits.unreachable is not None:
-                        continue  # said by the limits themselves; the other tier is counted all the same
-                    total = 0
-                    for name in reversed(topology.tracking_queues(tier, self._settings)):
-                        declared = await raw.queue_declare(name, passive=True)
-                        total += declared.message_count or 0
-                    total += consumer.tracking_in_hand(tier)
-                    self._metrics.tasks_in_flight.labels(tier).set(total)
-                    if leader:
-                        await limits.reconcile(total)
-                    taken = await limits.slots_taken()
-                    if taken is not None:
-                        self._metrics.account_slots_taken.labels(tier).set(taken)
-                    minute = await limits.submits_last_minute()
-                    if minute is not None:
-                        self._metrics.account_submits_last_minute.labels(tier).set(minute)
-                for name in (*(topology.job_queue(t) for t in TIERS), DEAD_LETTER_QUEUE):
-                    declared = await raw.queue_declare(name, passive=True)
-                    self._metrics.queue_messages.labels(name).set(declared.message_count or 0)
-                self._wake.set()
-                repeats.clear()
-            except Exception as exc:
-                if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
-                    self._redeclare = True  # a queue was deleted: the supervisor declares them all again
-                # A missing queue, a node down: the limits then rest on stale counts. Said at warning, once
-                # per kind of failure and then every minute, not every round.
-                why = f"{type(exc).__name__}: {str(exc)[:200]}"
-                if repeats.news(why) is not None:
-                    log.warning("the recount of tasks in flight failed (%s); next round retries", why)
-                log.debug("why", exc_info=True)
-            await self._stopping.sleep(self._settings.in_flight_refresh_seconds)
