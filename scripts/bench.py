@@ -12,7 +12,11 @@ reported with every run shown.
   process of its own, so only the client's CPU is counted);
 - job_ids: a worker starting with 300,000 remembered job ids (three days at 100,000 jobs a day, each
   with its `taken` and `ended` records): time to ready and resident memory, reading every record and
-  starting from the leader's snapshot.
+  starting from the leader's snapshot;
+- cluster: jobs per second and CPU per job through a three-node RabbitMQ cluster (started here, as the
+  cluster tests do) next to one node, then three workers on the cluster while the node leading the job
+  queue is SIGKILLed for 15 s: the longest gap between two completions, the first completion after the
+  kill, and jobs that never ended.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -652,6 +659,126 @@ def job_ids(runs: int, ids: int) -> None:  # noqa: PLR0915 - one scenario, its h
         mock.stop()
 
 
+def _on_cluster_vhost(cluster: Any) -> list[str]:
+    """A vhost of its own on `cluster`: every node's URL for it."""
+    name = f"seedance-bench-{uuid.uuid4().hex[:8]}"
+    cluster.ctl("add_vhost", name)
+    cluster.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return [f"{url}{name}" for url in cluster.urls]
+
+
+async def _completions(amqp: str, count: int, prefix: str, kill: Any, timeout: float) -> tuple[list[float], int]:
+    """Publish `count` jobs; call `kill()` (in a thread) once a third have ended. The monotonic times of
+    their terminal events, and how many never ended within `timeout`."""
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.declare_exchange("seedance.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        for status in TERMINAL_STATUSES:
+            await queue.bind(events, routing_key=f"job.{status}")
+        ended: dict[str, float] = {}
+        a_third, every = asyncio.Event(), asyncio.Event()
+
+        async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            job_id = json.loads(message.body)["job_id"]
+            if job_id.startswith(prefix):
+                ended.setdefault(job_id, time.monotonic())
+            if len(ended) >= count // 3:
+                a_third.set()
+            if len(ended) >= count:
+                every.set()
+
+        await queue.consume(on_event, no_ack=True)
+        jobs = await channel.get_exchange("seedance.jobs")
+        for i in range(count):
+            message = aio_pika.Message(job(f"{prefix}{i}"), delivery_mode=PERSISTENT)
+            await jobs.publish(message, routing_key="job.default")
+        async with asyncio.timeout(timeout):
+            await a_third.wait()
+        await asyncio.to_thread(kill)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(every.wait(), timeout)
+        return sorted(ended.values()), count - len(ended)
+
+
+def _cluster_throughput(cluster: Any, mock_url: str, on_cluster: bool, count: int) -> tuple[float, float]:
+    """(jobs per second, CPU-ms per job) of one worker process on the cluster or on the host's node."""
+    unlimited(mock_url)
+    context: Any = contextlib.nullcontext(",".join(_on_cluster_vhost(cluster))) if on_cluster else vhost()
+    with context as amqp, worker(amqp, mock_url, **FAST_WORKER) as (proc, _):
+        seconds, done = asyncio.run(run_jobs(amqp.split(",")[0], count, 600, watch=(proc.pid,)))
+    assert all(e["status"] == "succeeded" for e in done.values())
+    return count / seconds, cpu_used[0] / count * 1000
+
+
+def _cluster_node_kill(cluster: Any, mock_url: str, count: int, run: int) -> str:
+    """Three workers on the cluster; the job queue's leader SIGKILLed once a third of the jobs ended,
+    started again after OUTAGE_SECONDS."""
+    unlimited(mock_url)
+    urls = _on_cluster_vhost(cluster)
+    vhost_name = urls[0].rsplit("/", 1)[1]
+    killed: list[float] = []
+    timers: list[threading.Timer] = []
+    with contextlib.ExitStack() as stack:
+        for i in range(3):
+            amqp = ",".join(urls[i:] + urls[:i])
+            stack.enter_context(worker(amqp, mock_url, **{**FAST_WORKER, "in_flight_refresh_seconds": 0.5}))
+        victim = cluster.node_of(cluster.queue_leaders(vhost_name)["seedance.jobs.default"])
+        producer = next(url for node, url in zip(cluster.nodes, urls, strict=True) if node is not victim)
+
+        def kill() -> None:
+            killed.append(time.monotonic())
+            victim.kill()
+            timers.append(threading.Timer(OUTAGE_SECONDS, victim.start))
+            timers[0].start()
+
+        times, lost = asyncio.run(_completions(producer, count, f"k{run}-", kill, 300))
+    for timer in timers:
+        timer.join()  # the node is back before the next run
+    longest = max((b - a for a, b in itertools.pairwise(times)), default=float("nan"))
+    after = [t - killed[0] for t in times if t > killed[0]]
+    first = f"{after[0]:.1f} s" if after else "none"
+    return f"longest gap {longest:.1f} s, first completion {first} after the kill, {lost} of {count} never ended"
+
+
+OUTAGE_SECONDS = 15
+
+
+def cluster_run(runs: int, count: int) -> None:
+    """One worker through a three-node cluster next to one node; then a node kill under three workers."""
+    from tests.brokers import start_cluster  # noqa: PLC0415 - only this scenario starts brokers
+
+    mock = start_mock(time_scale=0.00001, api_key=KEY, seed=3)
+    started = time.perf_counter()
+    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="seedance-bench-cluster-")))
+    print(f"cluster: three nodes started and joined in {time.perf_counter() - started:.0f} s")
+    try:
+        single, three = [], []
+        for _ in range(runs):
+            single.append(_cluster_throughput(cluster, mock.url, False, count))
+            three.append(_cluster_throughput(cluster, mock.url, True, count))
+        kills = [_cluster_node_kill(cluster, mock.url, count, run) for run in range(runs)]
+    finally:
+        cluster.stop()
+        mock.stop()
+
+    def shown(figures: list[tuple[float, float]]) -> str:
+        rates = ", ".join(f"{r:.0f}" for r, _ in figures)
+        cpus = ", ".join(f"{c:.2f}" for _, c in figures)
+        return (
+            f"{statistics.median(r for r, _ in figures):.0f} jobs/s ({rates}), "
+            f"{statistics.median(c for _, c in figures):.2f} CPU-ms/job ({cpus})"
+        )
+
+    print(f"cluster: {count} instant jobs per run through one worker process, medians of {runs} interleaved runs")
+    print(f"  one node:             {shown(single)}")
+    print(f"  three-node cluster:   {shown(three)}")
+    print(f"  the job queue's leader SIGKILLed for {OUTAGE_SECONDS} s under three workers, {count} jobs:")
+    for line in kills:
+        print(f"    {line}")
+
+
 def _event_loop() -> Any:
     """The worker's loop (uvloop) where it is installed."""
     try:
@@ -667,7 +794,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--in-flight", type=int, default=10000)
     parser.add_argument("--scale", type=float, default=0.1, help="time scale of the latency runs")
-    parser.add_argument("--only", choices=["throughput", "latency", "memory", "storage", "account", "http", "job_ids"])
+    parser.add_argument(
+        "--only", choices=["throughput", "latency", "memory", "storage", "account", "http", "job_ids", "cluster"]
+    )
     parser.add_argument("--ids", type=int, default=300_000, help="job_ids: jobs remembered")
     parser.add_argument("--alone", action="store_true", help="throughput: the one worker process only")
     args = parser.parse_args()
@@ -685,6 +814,8 @@ def main() -> None:
         http_transports(args.runs, 5000)
     if args.only in (None, "job_ids"):
         job_ids(args.runs, args.ids)
+    if args.only in (None, "cluster"):
+        cluster_run(args.runs, min(args.jobs, 600))
 
 
 if __name__ == "__main__":

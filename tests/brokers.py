@@ -209,6 +209,11 @@ class Cluster:
     def ctl(self, *args: str) -> str:
         return self.running()[0].ctl(*args)
 
+    def version(self) -> tuple[int, ...]:
+        """RabbitMQ's version, as (major, minor, patch)."""
+        text = self.ctl("eval", "rabbit_misc:version().").strip().strip('"')
+        return tuple(int(part) for part in text.split(".")[:3])
+
     def node_of(self, node_name: str) -> Node:
         return next(node for node in self.nodes if node.name == node_name)
 
@@ -227,12 +232,22 @@ class Cluster:
             node.stop()
 
 
-def start_cluster(base: Path, size: int = 3) -> Cluster:
-    """Start `size` nodes of the host's RabbitMQ and join them into one cluster (about 20 s a node here)."""
+def start_cluster(base: Path, size: int = 3, *, rabbitmq4: bool = False) -> Cluster:
+    """Start `size` nodes and join them into one cluster (about 20 s a node here): of the host's RabbitMQ,
+    or with `rabbitmq4` of RabbitMQ 4 in its Debian 13 root (data under the root, `base` unused; one EPMD
+    of their own, every deprecated feature denied)."""
     nodes = []
+    epmd_port = free_port() if rabbitmq4 else None
     for index in range(1, size + 1):
         port = free_port()
-        nodes.append(Node(f"seedance-c{index}-{port}@localhost", port, base / f"node{index}", _config(port)))
+        if rabbitmq4:
+            node_base = _rabbitmq4_base(f"seedance-c4-{index}-{port}")
+            config = _config(port, _DENIED)
+        else:
+            node_base, config = base / f"node{index}", _config(port)
+        name = f"seedance-c{'4-' if rabbitmq4 else ''}{index}-{port}@localhost"
+        root = RABBITMQ4_ROOT if rabbitmq4 else None
+        nodes.append(Node(name, port, node_base, config, root=root, epmd_port=epmd_port))
     cluster = Cluster(nodes)
     try:
         for node in nodes:
@@ -253,17 +268,25 @@ def rabbitmq4_available() -> bool:
     return (RABBITMQ4_ROOT / "usr/lib/rabbitmq/bin/rabbitmq-server").exists()
 
 
-def start_rabbitmq4(name: str = "seedance-four") -> Node:
-    """One RabbitMQ 4 node in its Debian 13 root, every deprecated feature denied."""
-    port = free_port()
-    base = RABBITMQ4_ROOT / "srv" / f"{name}-{port}"
+_DENIED = [f"deprecated_features.permit.{feature} = false" for feature in DEPRECATED_FEATURES]
+
+
+def _rabbitmq4_base(name: str) -> Path:
+    """A node's directory inside the RabbitMQ 4 root, with /proc and /dev mounted there."""
+    base = RABBITMQ4_ROOT / "srv" / name
     base.mkdir(parents=True, exist_ok=True)
     for mount in ("proc", "dev"):
         target = RABBITMQ4_ROOT / mount
         if not os.path.ismount(target):
             subprocess.run(["mount", "--bind", f"/{mount}", str(target)], check=True)
-    denied = [f"deprecated_features.permit.{feature} = false" for feature in DEPRECATED_FEATURES]
-    node = Node(f"{name}-{port}@localhost", port, base, _config(port, denied), root=RABBITMQ4_ROOT)
+    return base
+
+
+def start_rabbitmq4(name: str = "seedance-four") -> Node:
+    """One RabbitMQ 4 node in its Debian 13 root, every deprecated feature denied."""
+    port = free_port()
+    base = _rabbitmq4_base(f"{name}-{port}")
+    node = Node(f"{name}-{port}@localhost", port, base, _config(port, _DENIED), root=RABBITMQ4_ROOT)
     node.epmd_port = free_port()
     node.start()
     return node

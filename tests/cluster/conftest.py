@@ -1,5 +1,6 @@
 """A real three-node RabbitMQ cluster for the whole session (about 40 s to start), a vhost per test on
-it, and worker processes spread over its nodes."""
+it, and worker processes spread over its nodes. The cluster is of the host's RabbitMQ, or with
+SEEDANCE_TEST_BROKER=rabbitmq4 of RabbitMQ 4 in its Debian 13 root (scripts/ensure-rabbitmq4.sh)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import Cluster, start_cluster
-from tests.integration.conftest import WorkerProcess, kill_worker_processes, start_worker_process
+from tests.brokers import Cluster, rabbitmq4_available, start_cluster
+from tests.integration.conftest import BROKER, WorkerProcess, kill_worker_processes, start_worker_process
 from tests.servers import MockThread, start_mock_thread
 
 pytestmark = [pytest.mark.broker, pytest.mark.server, pytest.mark.cluster, pytest.mark.slow]
@@ -24,7 +25,9 @@ def _no_seedance_environment(clean_env: None) -> None:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    the_cluster = start_cluster(Path(tmp_path_factory.mktemp("cluster")))
+    if BROKER == "rabbitmq4" and not rabbitmq4_available():
+        pytest.fail("SEEDANCE_TEST_BROKER=rabbitmq4 needs the RabbitMQ 4 root: run scripts/ensure-rabbitmq4.sh")
+    the_cluster = start_cluster(Path(tmp_path_factory.mktemp("cluster")), rabbitmq4=BROKER == "rabbitmq4")
     yield the_cluster
     the_cluster.stop()
 
@@ -64,7 +67,13 @@ def spawn_cluster_worker(
 
     def spawn(first: int, **overrides: Any) -> WorkerProcess:
         url = urls_from(cluster, cluster_vhost, first)
-        values = {"api_key": "cluster-key", "poll_scale": 0.02, "in_flight_refresh_seconds": 0.5, **overrides}
+        values = {
+            "api_key": "cluster-key",
+            "log_level": "DEBUG",
+            "poll_scale": 0.02,
+            "in_flight_refresh_seconds": 0.5,
+            **overrides,
+        }
         return start_worker_process(procs, tmp_path, url, cluster_mock.url, **values)
 
     yield spawn
