@@ -578,8 +578,9 @@ def job_ids(runs: int, ids: int) -> None:  # noqa: PLR0915 - one scenario, its h
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
     from contracts.brokers import ClusterConnection  # noqa: PLC0415
-    from worker.job_ids import IDS_ARGUMENTS, IDS_STREAM, JobIds  # noqa: PLC0415
+    from worker.job_ids import IDS_ARGUMENTS, JobIds  # noqa: PLC0415
     from worker.metrics import Metrics  # noqa: PLC0415
+    from worker.topology import IDS_STREAM  # noqa: PLC0415
 
     async def fill(amqp: str) -> None:
         connection = await aio_pika.connect(amqp)

@@ -50,11 +50,10 @@ from pydantic import ValidationError
 from contracts import validation_message
 from contracts.messages import CANCEL_ROUTING_KEY, DEAD_LETTER_QUEUE, JOBS_EXCHANGE, CancelRequest
 from worker.metrics import Metrics
+from worker.topology import IDS_STREAM, SNAPSHOT_STREAM
 
 log = logging.getLogger(__name__)
 
-IDS_STREAM = "seedance.jobs.ids"
-SNAPSHOT_STREAM = "seedance.jobs.ids.snapshots"
 RETENTION_SECONDS = 72 * 3600
 # The stream keeps a day more than promised: x-max-age drops whole segments, and a replica replaying a
 # snapshot must still find every record written after it.

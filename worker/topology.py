@@ -8,6 +8,10 @@ arguments is a no-op; different arguments make RabbitMQ refuse with PRECONDITION
     seedance.store.<tier>.delay.<ms>ms (quorum, TTL) --expired--> seedance.store.<tier> (quorum):
         succeeded tasks whose video is being copied (worker.storage), apart from the tasks in flight
     seedance.events (topic): the worker publishes; users bind their own queues
+
+Every queue the worker uses is named here. The two exchanges and seedance.jobs.dead are part of the
+public contract (producers publish to them and read from it), so their names live in contracts.messages,
+which producers import without the worker.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ def rpm_permits_used(tier: ServiceTier, rpm: int | None, ttl_ms: int) -> str:
 def token_permits(tier: ServiceTier, day: str, budget: int | None) -> str:
     return f"seedance.permits.{tier}.tokens.{day}.{budget}"
 
+
+# Job ids taken, ended and cancelled, and the leader's snapshots of them (worker.job_ids): streams.
+IDS_STREAM = "seedance.jobs.ids"
+SNAPSHOT_STREAM = "seedance.jobs.ids.snapshots"
 
 # The replica whose consumer is the active one of this single-active-consumer queue leads (worker.leader).
 LEADER_QUEUE = "seedance.leader"

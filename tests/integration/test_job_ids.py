@@ -13,9 +13,10 @@ from contracts.brokers import ClusterConnection
 from contracts.client import Client
 from tests.integration.conftest import rabbitmqctl, wait_for
 from worker import topology
-from worker.job_ids import SNAPSHOT_STREAM, JobIds, Known
+from worker.job_ids import JobIds, Known
 from worker.metrics import Metrics
 from worker.settings import Settings
+from worker.topology import SNAPSHOT_STREAM
 
 pytestmark = [pytest.mark.broker]
 
