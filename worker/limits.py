@@ -49,7 +49,7 @@ from typing import Any, NoReturn, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError, PublishError
 
 from contracts.api import MAX_TOKENS, ServiceTier
@@ -90,16 +90,16 @@ class Permits:
 
     def __init__(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._opening = asyncio.Lock()
 
-    async def _open(self) -> AbstractChannel:
+    async def _open(self) -> AbstractRobustChannel:
         async with self._opening:
             if self._channel is None:
                 self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         return self._channel
 
-    async def _call(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T:
+    async def _call(self, operation: Callable[[AbstractRobustChannel], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(BROKER_SECONDS):
                 return await operation(await self._open())
@@ -111,17 +111,18 @@ class Permits:
     async def declare(self, name: str, arguments: dict[str, Any]) -> bool:
         """Declare a quorum queue (idempotent); True when it was not there before (this replica made it)."""
 
-        async def declare(channel: AbstractChannel) -> bool:
+        async def declare(channel: AbstractRobustChannel) -> bool:
             created = not await self._exists(name)
-            raw = await channel.get_underlay_channel()
-            await raw.queue_declare(name, durable=True, arguments={**topology.QUORUM, **arguments})
+            # robust=False: declared again by attach or the leader when missing, not behind our back.
+            await channel.declare_queue(name, durable=True, arguments={**topology.QUORUM, **arguments}, robust=False)
             return created
 
         return await self._call(declare)
 
     async def _exists(self, name: str) -> bool:
-        """Whether `name` exists, asked on a plain channel of its own (the broker closes the channel that
-        asks about a queue that is not there: a robust one would be reopened behind our back)."""
+        """Whether `name` exists, asked on a plain aiormq channel of its own, the one place here below
+        aio-pika: the broker closes the channel that asks about a queue that is not there, and aio-pika
+        opens only robust channels on a robust connection, which it would reopen behind our back."""
         transport = self._connection.transport
         if transport is None:
             raise ConnectionError("not connected")
@@ -138,7 +139,7 @@ class Permits:
     async def put(self, queue: str, body: bytes = b"") -> bool:
         """Publish one permit to `queue`: True when the broker took it, False when the queue is full."""
 
-        async def put(channel: AbstractChannel) -> bool:
+        async def put(channel: AbstractRobustChannel) -> bool:
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             try:
                 await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
@@ -153,16 +154,17 @@ class Permits:
     async def take(self, queue: str) -> bool:
         """Take one permit off `queue`; False when it held none."""
 
-        async def take(channel: AbstractChannel) -> bool:
-            got = await (await channel.get_underlay_channel()).basic_get(queue, no_ack=True)
-            return got.delivery_tag is not None
+        async def take(channel: AbstractRobustChannel) -> bool:
+            pool = await channel.get_queue(queue, ensure=False)
+            return await pool.get(no_ack=True, fail=False) is not None
 
         return await self._call(take)
 
     async def count(self, queue: str) -> int:
-        async def count(channel: AbstractChannel) -> int:
-            declared = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
-            return declared.message_count or 0
+        async def count(channel: AbstractRobustChannel) -> int:
+            # robust=False: a robust channel answers a passive declare of a queue it knows from its cache.
+            pool = await channel.declare_queue(queue, passive=True, robust=False)
+            return pool.declaration_result.message_count or 0
 
         return await self._call(count)
 
