@@ -2,8 +2,8 @@
 the tracking queue by at-least-once dead-lettering (worker.topology). Every confirmed message must come
 out of the target queue, also when the node leading both queues is SIGKILLed while they flow.
 
-RabbitMQ 3.10.8 fails this: after the leader's node dies, the new leader's dead-letter worker never
-forwards again, and every message that expires from then on stays in the source queue (counted in its
+RabbitMQ 3.10.8 fails this in most runs: after the leader's node dies, the new leader's dead-letter worker
+may never forward again, and every message that expires from then on stays in the source queue (counted in its
 `messages`, not in `messages_ready`) until the queue's leader changes cleanly (`rabbitmq-upgrade drain`
 of its node, or a node restart). Fixed in later 3.10/3.11 patch releases (rabbitmq-server#7677); RabbitMQ
 4.0.5 passes. The README's cluster section says what this means for the worker.
@@ -34,7 +34,8 @@ async def test_at_least_once_dead_letters_survive_the_loss_of_their_queues_leade
     cluster: Cluster, cluster_vhost: str, request: pytest.FixtureRequest
 ) -> None:
     if cluster.version() < STRANDS:
-        request.applymarker(pytest.mark.xfail(reason="RabbitMQ 3.10 strands them (rabbitmq-server#7677)"))
+        reason = "RabbitMQ 3.10 strands them in most runs (rabbitmq-server#7677)"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
     leader, producer_node, consumer_node = cluster.nodes
     declaring = await aio_pika.connect(f"{leader.url}{cluster_vhost}")  # both queues led by `leader`
     async with declaring:
