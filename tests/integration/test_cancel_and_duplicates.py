@@ -142,6 +142,8 @@ async def test_a_cancel_after_the_end_changes_nothing_and_is_counted(
 ) -> None:
     worker = spawn_worker()
     await ready(worker)
+    # A late cancel is counted by the leader (once for all replicas): one worker leads a moment after ready.
+    await wait_for(lambda: metric(worker, "seedance_limits_leader") == 1, what="the worker leading")
     await bus.publish(job("done-1"))
     assert (await bus.wait_terminal(["done-1"]))["done-1"]["status"] == "succeeded"
     await client.cancel("done-1")
