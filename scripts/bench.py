@@ -208,6 +208,16 @@ FAST_WORKER: dict[str, Any] = {
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "celery" / "run.sh"
 
 
+def _shown(figures: list[tuple[float, float]]) -> str:
+    """Median jobs per second and CPU-ms per job of (rate, cpu) runs, with every run shown."""
+    rates = ", ".join(f"{r:.0f}" for r, _ in figures)
+    cpus = ", ".join(f"{c:.2f}" for _, c in figures)
+    return (
+        f"{statistics.median(r for r, _ in figures):.0f} jobs/s ({rates}), "
+        f"{statistics.median(c for _, c in figures):.2f} CPU-ms/job ({cpus})"
+    )
+
+
 def throughput(runs: int, count: int, *, alone: bool = False) -> None:
     """Jobs per second and CPU per job through one worker process, next to the Celery peer doing the same
     job in the same run (interleaved rounds: the machine is shared and noisy); then two worker processes.
@@ -239,16 +249,8 @@ def throughput(runs: int, count: int, *, alone: bool = False) -> None:
                 seconds, done = asyncio.run(run_jobs(amqp, count, 600, prefix="p"))
             pair.append(count / seconds)
 
-        def shown(figures: list[tuple[float, float]]) -> str:
-            rates = ", ".join(f"{r:.0f}" for r, _ in figures)
-            cpus = ", ".join(f"{c:.2f}" for _, c in figures)
-            return (
-                f"{statistics.median(r for r, _ in figures):.0f} jobs/s ({rates}), "
-                f"{statistics.median(c for _, c in figures):.2f} CPU-ms/job ({cpus})"
-            )
-
         print(f"throughput: {count} instant jobs per run, medians of {runs} interleaved runs")
-        print(f"  worker, one process:          {shown(mine)}")
+        print(f"  worker, one process:          {_shown(mine)}")
         print(
             "    API accepted -> tracking state confirmed (the double-submission window), mean: "
             f"{', '.join(f'{w * 1000:.0f}' for w in windows)} ms"
@@ -256,7 +258,7 @@ def throughput(runs: int, count: int, *, alone: bool = False) -> None:
         if alone:
             return
         if peer:
-            print(f"  Celery prefork peer (-c 4):   {shown(peer)}")
+            print(f"  Celery prefork peer (-c 4):   {_shown(peer)}")
         else:
             print(f"  Celery prefork peer: not found at {PEER}")
         pairs = ", ".join(f"{r:.0f}" for r in pair)
@@ -764,17 +766,9 @@ def cluster_run(runs: int, count: int) -> None:
         cluster.stop()
         mock.stop()
 
-    def shown(figures: list[tuple[float, float]]) -> str:
-        rates = ", ".join(f"{r:.0f}" for r, _ in figures)
-        cpus = ", ".join(f"{c:.2f}" for _, c in figures)
-        return (
-            f"{statistics.median(r for r, _ in figures):.0f} jobs/s ({rates}), "
-            f"{statistics.median(c for _, c in figures):.2f} CPU-ms/job ({cpus})"
-        )
-
     print(f"cluster: {count} instant jobs per run through one worker process, medians of {runs} interleaved runs")
-    print(f"  one node:             {shown(single)}")
-    print(f"  three-node cluster:   {shown(three)}")
+    print(f"  one node:             {_shown(single)}")
+    print(f"  three-node cluster:   {_shown(three)}")
     print(f"  the job queue's leader SIGKILLed for {OUTAGE_SECONDS} s under three workers, {count} jobs:")
     for line in kills:
         print(f"    {line}")
