@@ -51,7 +51,7 @@ from worker.errors import (
     VideoGone,
 )
 from worker.job_ids import Known
-from worker.limits import PermitsUnreachable, TierLimits
+from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
@@ -341,12 +341,9 @@ class JobHandler:
             return Track(state, max(0.0, early), (ended.event,))
         outcome = await self._poll(state)
         if isinstance(outcome, Finish) or outcome.state.stage == "store":
-            try:
-                await self._limits[state.tier].task_ended()
-            except PermitsUnreachable as exc:
-                # The task's end is recorded all the same; the leader puts the slot back once the broker
-                # answers again (a slot missing for a whole window), so nothing is polled again for it.
-                log.warning("could not free the running slot of an ended task (%s)", exc, extra=_ids(state))
+            # Never fails: a slot the broker cannot take now is given back once it answers again, so the
+            # task's end is recorded all the same and nothing is polled again for it.
+            await self._limits[state.tier].task_ended()
         return outcome
 
     async def _poll(self, state: TrackingState) -> Track | Finish:

@@ -83,6 +83,11 @@ class QueueMissing(PermitsUnreachable):
     """A permit queue is not there (deleted by hand, or a day's queue expired early)."""
 
 
+class NotSent(PermitsUnreachable):
+    """The operation never left this process (its channel was closed, being restored): trying it again
+    later cannot count it twice."""
+
+
 class Permits:
     """The broker side of the limits, on one robust channel of their own (aio-pika reopens it after the
     broker closes it or the connection is restored: it is never replaced, so no failure leaves a channel
@@ -105,6 +110,10 @@ class Permits:
                 return await operation(await self._open())
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise QueueMissing(str(exc)[:200]) from exc
+        except aiormq.exceptions.ChannelInvalidStateError as exc:
+            # aiormq and aio-pika raise it before a frame is written; a channel that closes later fails
+            # the operation with the reason of its close instead (the broker may have taken it then).
+            raise NotSent(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
         except (TimeoutError, ConnectionError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             raise PermitsUnreachable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
@@ -257,6 +266,7 @@ class TierLimits:
         self.unreachable: str | None = None  # why the permits did not answer, until they do again
         self._repeats = Repeats(REMIND_SECONDS)
         self._declare_later = False  # a permit queue was found missing: declare them all again
+        self._owed = 0  # running slots of ended tasks not given back yet (the broker did not answer)
 
     @property
     def rpm_ttl_ms(self) -> int:
@@ -346,6 +356,7 @@ class TierLimits:
             if self._declare_later:
                 await self._declare()
                 self._declare_later = False
+            await self._give_back_owed()
             if self.capacity is not None:
                 if not await permits.take(self.slots_queue):
                     self._refused("running slots", PROBE_SECONDS)
@@ -361,27 +372,44 @@ class TierLimits:
                 if not await permits.put(queue, body):
                     self._refused("tokens per day", min(60.0, self._seconds_to_midnight()))
         except PermitsUnreachable as exc:
-            await self._give_back_quietly(holds)
+            if holds:
+                await self.task_ended()
             self._unreachable(exc)
         except BaseException:
-            await self._give_back_quietly(holds)
+            if holds:
+                await self.task_ended()
             raise
         self._reached()
         return holds
 
     async def task_ended(self) -> None:
         """A task that held a running slot ended (or left for the copy stage): free its slot for another.
-        PermitsUnreachable when the broker cannot take it now (the leader adds it back later)."""
-        if self._permits is not None and self.capacity is not None:
-            await self._permits.put(self.slots_queue)
 
-    async def _give_back_quietly(self, holds: bool) -> None:
-        if not holds:
+        Never fails: a slot the broker cannot take now is owed and given back by the next permit operation
+        or check that reaches the broker; one whose put may have reached it (no confirm came) is left to the
+        leader, which adds a slot missing for a whole window, rather than risk freeing it twice."""
+        if self._permits is None or self.capacity is None:
             return
+        self._owed += 1
         try:
-            await self.task_ended()
-        except PermitsUnreachable:
-            log.debug("could not give a running slot back; the leader will", exc_info=True)
+            await self._give_back_owed()
+        except PermitsUnreachable as exc:
+            self.note_unreachable(exc)
+
+    async def _give_back_owed(self) -> None:
+        """Put the owed running slots back; PermitsUnreachable (with the rest still owed) when one was not
+        sent. Each is counted off before its put, so concurrent callers never give one back twice."""
+        assert self._permits is not None  # noqa: S101 - only called once attached
+        while self._owed > 0:
+            self._owed -= 1
+            try:
+                await self._permits.put(self.slots_queue)
+            except NotSent:
+                self._owed += 1
+                raise
+            except PermitsUnreachable as exc:
+                log.warning("a running slot may not have been freed (%s); the leader restores it if not", exc)
+                raise
 
     def _refused(self, limit: str, seconds: float) -> NoReturn:
         self.block_for(seconds, limit)
@@ -440,6 +468,7 @@ class TierLimits:
             if self._declare_later:
                 await self._declare()
                 self._declare_later = False
+            await self._give_back_owed()
             await self._permits.count(self.slots_queue if self.capacity is not None else self.rpm_queue)
         except PermitsUnreachable as exc:
             self.note_unreachable(exc)
