@@ -46,6 +46,7 @@ FAILURE_BACKOFF_MAX = 30.0  # a job is held this long at most (well under SEEDAN
 Kind = Literal["job", "tracking", "store"]
 Pause = Callable[[float], Awaitable[bool]]
 Record = Callable[[str], Awaitable[None]]
+SlotFreed = Callable[[ServiceTier], Awaitable[None]]
 
 
 async def _sleep(seconds: float) -> bool:
@@ -64,10 +65,14 @@ class Consumer:
         tracking_delays_ms: tuple[int, ...] = (1000,),
         pause: Pause = _sleep,
         ended: Record | None = None,
+        slot_freed: SlotFreed | None = None,
     ) -> None:
         """`pause(seconds)` waits out a back-off and says False when the worker is stopping instead;
-        `ended(job_id)` records, for every replica, that a job's terminal event is out (worker.job_ids)."""
+        `ended(job_id)` records, for every replica, that a job's terminal event is out (worker.job_ids);
+        `slot_freed(tier)` gives a running slot back (worker.limits), once the delivery of a task that left
+        it is acknowledged."""
         self._ended = ended
+        self._slot_freed = slot_freed
         self._handler = handler
         self._publisher = publisher
         self._metrics = metrics
@@ -167,6 +172,10 @@ class Consumer:
                 await self._carry_out(outcome, message, tier)
             except Exception as exc:
                 await self._failed(kind, tier, message, exc, state)
+                return
+            # Acknowledged: the task's end cannot come back to free its slot a second time.
+            if isinstance(outcome, Track | Finish) and outcome.frees_slot and self._slot_freed is not None:
+                await self._slot_freed(tier)
 
     async def _failed(
         self,

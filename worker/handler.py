@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
@@ -84,12 +84,14 @@ class Track:
     delay: float
     events: tuple[JobEvent, ...] = ()
     submitted: bool = False  # the API just accepted the task: the double-submission window is open
+    frees_slot: bool = False  # the task left the API's running slots (on to the copy stage)
 
 
 @dataclass(frozen=True, slots=True)
 class Finish:
     state: TrackingState
     event: JobEvent | None
+    frees_slot: bool = False  # the task ended upstream: its running slot is free once this is settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +330,7 @@ class JobHandler:
     # Tracking
     async def handle_tracking(self, state: TrackingState) -> Track | Finish:
         """Poll the task if it is due (else send the state on for the rest of its wait); when the task has
-        ended, its running slot is free for another job at once."""
+        ended, the outcome says its running slot is free (`frees_slot`)."""
         if state.stage == "store":  # not a poll: back to the copy stage's queue
             return Track(state, 0.0)
         if not state.cancelled and (known := self._known(state.job_id)).cancelled:
@@ -341,9 +343,9 @@ class JobHandler:
             return Track(state, max(0.0, early), (ended.event,))
         outcome = await self._poll(state)
         if isinstance(outcome, Finish) or outcome.state.stage == "store":
-            # Never fails: a slot the broker cannot take now is given back once it answers again, so the
-            # task's end is recorded all the same and nothing is polled again for it.
-            await self._limits[state.tier].task_ended()
+            # The consumer frees the slot once the delivery is acknowledged: freed before, a delivery that
+            # came back (its ack lost with the connection) would free it a second time.
+            return replace(outcome, frees_slot=True)
         return outcome
 
     async def _poll(self, state: TrackingState) -> Track | Finish:

@@ -98,6 +98,11 @@ class Permits:
         self._channel: AbstractRobustChannel | None = None
         self._opening = asyncio.Lock()
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up (its channels may still be being restored)."""
+        return self._connection.connected.is_set()
+
     async def _open(self) -> AbstractRobustChannel:
         async with self._opening:
             if self._channel is None:
@@ -207,7 +212,7 @@ class _Taking:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._holds and not self._slot.kept:
-            await self._limits.task_ended()
+            await self._limits._give_back()
 
 
 class _Pool:
@@ -373,28 +378,47 @@ class TierLimits:
                     self._refused("tokens per day", min(60.0, self._seconds_to_midnight()))
         except PermitsUnreachable as exc:
             if holds:
-                await self.task_ended()
+                await self._give_back()
             self._unreachable(exc)
         except BaseException:
             if holds:
-                await self.task_ended()
+                await self._give_back()
             raise
         self._reached()
         return holds
 
     async def task_ended(self) -> None:
-        """A task that held a running slot ended (or left for the copy stage): free its slot for another.
+        """A task that held a running slot ended (or left for the copy stage), and the delivery that said so
+        is acknowledged: free its slot for another. Never fails.
 
-        Never fails: a slot the broker cannot take now is owed and given back by the next permit operation
-        or check that reaches the broker; one whose put may have reached it (no confirm came) is left to the
-        leader, which adds a slot missing for a whole window, rather than risk freeing it twice."""
+        A put that never left this process while the connection is up (only the permits' channel being
+        restored) is owed: the ack before it went through, so the next permit operation or check that
+        reaches the broker gives it back. With the connection down, the ack may have been lost with it and
+        the task's state come back to free the slot again, and a put that got no confirm may have reached
+        the broker: both are left to the leader, which adds a slot missing for a whole window, rather than
+        risk freeing it twice (the account's running limit would be passed)."""
         if self._permits is None or self.capacity is None:
             return
+        try:
+            await self._permits.put(self.slots_queue)
+        except NotSent as exc:
+            self.note_unreachable(exc)
+            if self._permits.connected:
+                self._owed += 1
+            else:
+                log.info("a running slot was not freed (%s); the leader restores it if its task does not", exc)
+        except PermitsUnreachable as exc:
+            self.note_unreachable(exc)
+            log.warning("a running slot may not have been freed (%s); the leader restores it if not", exc)
+
+    async def _give_back(self) -> None:
+        """A slot taken for a submit that did not keep it: owed until the broker takes it (no delivery was
+        settled meanwhile, so it cannot come back twice)."""
         self._owed += 1
         try:
             await self._give_back_owed()
         except PermitsUnreachable as exc:
-            self.note_unreachable(exc)
+            log.debug("a running slot is owed until the broker answers (%s)", exc)
 
     async def _give_back_owed(self) -> None:
         """Put the owed running slots back; PermitsUnreachable (with the rest still owed) when one was not
@@ -408,7 +432,7 @@ class TierLimits:
                 self._owed += 1
                 raise
             except PermitsUnreachable as exc:
-                log.warning("a running slot may not have been freed (%s); the leader restores it if not", exc)
+                log.warning("a running slot may not have been given back (%s); the leader restores it if not", exc)
                 raise
 
     def _refused(self, limit: str, seconds: float) -> NoReturn:

@@ -103,6 +103,9 @@ class Service:
             "max_message_bytes": self._handler.max_message_bytes,
         }
 
+    async def _task_ended(self, tier: ServiceTier) -> None:
+        await self._limits[tier].task_ended()
+
     async def run(self) -> None:
         """Serve until stopping; /healthz stays up meanwhile, /readyz says whether jobs are taken."""
         connection = await self._connect()
@@ -131,6 +134,7 @@ class Service:
                 tracking_delays_ms=self._settings.tracking_delays_ms,
                 pause=self._stopping.sleep,
                 ended=self._ids.ended if self._ids is not None else None,
+                slot_freed=self._task_ended,
             )
             self.declared = True
             log.info("worker started", extra={"tiers": "default,flex"})

@@ -12,7 +12,7 @@ from contracts.api import TaskResult
 from tests.factories import tier_settings
 from worker.backoff import backoff_delay
 from worker.errors import LimitReached
-from worker.limits import TierLimits, token_unit
+from worker.limits import NotSent, PermitsUnreachable, TierLimits, token_unit
 from worker.settings import Settings
 from worker.tracking import PollSchedule, TrackingState, capped, pick_delay_level
 
@@ -203,3 +203,72 @@ def test_an_empty_key_variable_means_no_key(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("SEEDANCE_API_KEY", "")
     monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key))
     assert Settings().read_api_key() == "from-file"
+
+
+class Pool:
+    """The broker side of one slot pool, as worker.limits.Permits offers it: the test decides whether a
+    put goes through, is never sent, or gets no confirm, and whether the connection is up."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.connected = True
+        self.failure: PermitsUnreachable | None = None
+
+    async def declare(self, name: str, arguments: dict[str, object]) -> bool:
+        return False
+
+    async def put(self, queue: str, body: bytes = b"") -> bool:
+        if self.failure is not None:
+            raise self.failure
+        self.free += 1
+        return True
+
+    async def take(self, queue: str) -> bool:
+        if self.failure is not None:
+            raise self.failure
+        if not self.free:
+            return False
+        self.free -= 1
+        return True
+
+    async def count(self, queue: str) -> int:
+        if self.failure is not None:
+            raise self.failure
+        return self.free
+
+
+@pytest.mark.parametrize(
+    ("failure", "connected", "owed"),
+    [
+        (NotSent("channel being restored"), True, True),  # the ack before it went through: owe it
+        (NotSent("connection lost"), False, False),  # the ack may be lost too: its state frees it again
+        (PermitsUnreachable("no confirm"), True, False),  # the broker may have taken it
+    ],
+)
+async def test_an_ended_tasks_slot_is_owed_only_when_it_cannot_be_freed_twice(
+    failure: PermitsUnreachable, connected: bool, owed: bool
+) -> None:
+    limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=1, queue_ahead=0))
+    pool = Pool(free=0)  # the one slot is taken by a running task
+    await limits.attach(pool)  # type: ignore[arg-type]
+    pool.failure, pool.connected = failure, connected
+    await limits.task_ended()  # never raises
+    assert limits.unreachable is not None
+    pool.failure = None
+    await limits.check()
+    await limits.check()
+    assert pool.free == (1 if owed else 0)
+    assert limits.unreachable is None
+
+
+async def test_a_slot_a_submit_did_not_keep_is_owed_and_given_back_by_the_next_take() -> None:
+    limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=2, queue_ahead=0))
+    pool = Pool(free=2)
+    await limits.attach(pool)  # type: ignore[arg-type]
+    async with limits.slot(1):
+        pool.failure, pool.connected = NotSent("connection lost"), False
+    assert pool.free == 1
+    pool.failure, pool.connected = None, True
+    async with limits.slot(1) as slot:
+        slot.keep()
+    assert pool.free == 1, "given back first, then one taken"

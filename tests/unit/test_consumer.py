@@ -148,6 +148,9 @@ def rig() -> Rig:
         log.append("back-off")
         return True
 
+    async def slot_freed(tier: str) -> None:
+        log.append(f"slot freed {tier}")
+
     consumer = Consumer(
         handler,  # type: ignore[arg-type]
         publisher,
@@ -155,6 +158,7 @@ def rig() -> Rig:
         delivery_limit=LIMIT,
         tracking_delays_ms=(1000, 5000, 30000),
         pause=pause,
+        slot_freed=slot_freed,
     )
     return Rig(consumer, handler, publisher, metrics, log)
 
@@ -187,6 +191,25 @@ async def test_a_finished_job_publishes_its_event_to_reply_to_then_acks(rig: Rig
     assert (event.status, reply_to, correlation_id) == ("succeeded", "reply-here", "corr-1")
     assert rig.sample("seedance_jobs_completed_total", tier="default", status="succeeded") == 1
     assert rig.sample("seedance_video_seconds_total", tier="default", resolution="720p") == 5
+
+
+async def test_an_ended_task_frees_its_slot_only_once_its_delivery_is_acknowledged(rig: Rig) -> None:
+    rig.publisher.confirm.set()
+    ended = state()
+    rig.handler.outcome = Finish(ended, events.event(ended, "succeeded", NOW), frees_slot=True)
+    await rig.consumer.on_tracking("default", rig.message(body=ended.model_dump_json().encode()))
+    assert rig.log == ["publish event succeeded", "confirmed event succeeded", "ack", "slot freed default"]
+
+
+async def test_a_task_whose_end_could_not_be_settled_keeps_its_slot_for_the_redelivery(rig: Rig) -> None:
+    """Freed before the ack, the slot would be freed again when the state comes back."""
+    rig.publisher.refuse = ConnectionError("channel closed")
+    rig.publisher.confirm.set()
+    moving = state(stage="store")
+    rig.handler.outcome = Track(moving, 0.0, frees_slot=True)
+    await rig.consumer.on_tracking("default", rig.message(body=moving.model_dump_json().encode()))
+    assert "ack" not in rig.log
+    assert not [line for line in rig.log if line.startswith("slot freed")]
 
 
 async def test_a_refused_publish_returns_the_delivery_unacked_after_a_back_off(rig: Rig) -> None:

@@ -109,6 +109,7 @@ async def test_a_job_runs_to_success_with_the_url_and_its_expiry(env: Env) -> No
     assert event.video_url_expires_at - event.finished_at == timedelta(seconds=3600)
     assert event.polls >= 1
     assert event.billed_tokens == 108900
+    assert final.frees_slot, "the consumer frees the task's running slot once this is acknowledged"
 
 
 async def test_the_api_is_sent_the_remaining_window(env: Env) -> None:
