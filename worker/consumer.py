@@ -3,7 +3,11 @@
 For every delivery the handler (worker.handler) decides, and this module carries the decision out in one
 order: publish what replaces the delivery (tracking state and events, terminal event, the job put back,
 or the message dead-lettered), wait for the broker's confirms, and only then ack. A crash anywhere before
-the ack leaves the delivery in its queue; a crash after it has nothing left to lose.
+the ack leaves the delivery in its queue; a crash after it has nothing left to lose. An ack that cannot be
+sent (its channel closed with the connection) is left at that: RabbitMQ hands the delivery out again, and
+nothing is put back beside it. A task's running slot is freed after the ack, and for a task's end only by
+the handling whose `ended` record is the job's first (worker.job_ids), so a state that comes back after a
+lost ack never frees it a second time.
 
 A delivery whose handling fails for any other reason (a bug, a broker fault) goes through `_failed`, the
 one place that maps an unexpected exception onto a broker action: it is put back after a back-off with its
@@ -45,7 +49,7 @@ FAILURE_BACKOFF_MAX = 30.0  # a job is held this long at most (well under SEEDAN
 
 Kind = Literal["job", "tracking", "store"]
 Pause = Callable[[float], Awaitable[bool]]
-Record = Callable[[str], Awaitable[None]]
+Record = Callable[[str], Awaitable[bool]]
 SlotFreed = Callable[[ServiceTier], Awaitable[None]]
 
 
@@ -68,9 +72,10 @@ class Consumer:
         slot_freed: SlotFreed | None = None,
     ) -> None:
         """`pause(seconds)` waits out a back-off and says False when the worker is stopping instead;
-        `ended(job_id)` records, for every replica, that a job's terminal event is out (worker.job_ids);
-        `slot_freed(tier)` gives a running slot back (worker.limits), once the delivery of a task that left
-        it is acknowledged."""
+        `ended(job_id)` records, for every replica, that a job's terminal event is out, and says whether
+        this was the job's first end (worker.job_ids); `slot_freed(tier)` gives a running slot back
+        (worker.limits), once the delivery of a task that left it is acknowledged, and only by the handling
+        that recorded the task's first end."""
         self._ended = ended
         self._slot_freed = slot_freed
         self._handler = handler
@@ -169,12 +174,11 @@ class Consumer:
                     outcome: Outcome = Reject(InvalidJob("invalid_state", "unreadable tracking state"), None)
                 else:
                     outcome = await handle(state)
-                await self._carry_out(outcome, message, tier)
+                frees = await self._carry_out(outcome, message, tier)
             except Exception as exc:
                 await self._failed(kind, tier, message, exc, state)
                 return
-            # Acknowledged: the task's end cannot come back to free its slot a second time.
-            if isinstance(outcome, Track | Finish) and outcome.frees_slot and self._slot_freed is not None:
+            if frees and isinstance(outcome, Track | Finish) and outcome.frees_slot and self._slot_freed is not None:
                 await self._slot_freed(tier)
 
     async def _failed(
@@ -230,7 +234,7 @@ class Consumer:
             if kind == "job":
                 headers[TAKE_HEADER] = take  # its own message, should the failure come after it was taken
             await self._publisher.republish(message, queue, headers, stamp)
-            await message.ack()
+            await _settle(message)
         except Exception:
             # The broker itself fails us: the delivery goes back as it is, but only after the back-off.
             log.warning("could not put a failed %s delivery back; returning it to RabbitMQ", kind, extra=ids)
@@ -255,7 +259,7 @@ class Consumer:
             headers["x-seedance-job-id"] = state.job_id
             headers["x-seedance-task-id"] = state.task_id or ""
         await self._publisher.republish(message, DEAD_LETTER_QUEUE, headers, message.timestamp)
-        await message.ack()
+        await _settle(message)
         self._metrics.deliveries_parked.labels(kind).inc()
 
     async def drain(self, within: float) -> None:
@@ -281,7 +285,10 @@ class Consumer:
                 self._handling.discard(task)
 
     # Carrying out outcomes: publish, await confirms, then ack
-    async def _carry_out(self, outcome: Outcome, message: Received, tier: ServiceTier) -> None:
+    async def _carry_out(self, outcome: Outcome, message: Received, tier: ServiceTier) -> bool:
+        """Publish what replaces the delivery, then ack it. Returns whether the task's running slot may be
+        freed now (when the outcome frees one): the ack reached the channel, or, for a task's end, this
+        handling recorded the job's first end (a copy of the state that comes back finds it ended)."""
         publisher = self._publisher
         if isinstance(outcome, Track):
             state = outcome.state
@@ -291,9 +298,9 @@ class Consumer:
             await asyncio.gather(
                 publisher.track(state, outcome.delay),
                 *(publisher.event(e, state.reply_to, state.correlation_id) for e in outcome.events),
-                *(self._record_end(state.job_id) if ends else ()),
+                *((self._ended(state.job_id),) if ends and self._ended is not None else ()),
             )
-            await message.ack()
+            acked = await _settle(message)
             for published in outcome.events:
                 self._metrics.events_published.labels(published.status).inc()
             for ended in ends:
@@ -303,19 +310,20 @@ class Consumer:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("submitted", extra=_ids(state))
             self._counts["submitted"] += outcome.submitted
-        elif isinstance(outcome, Finish):
+            return acked
+        if isinstance(outcome, Finish):
             state, event = outcome.state, outcome.event
             if event is None:  # the job's terminal event went out before (cancelled after submission)
-                await message.ack()
-                return
-            await asyncio.gather(
-                publisher.event(event, state.reply_to, state.correlation_id), *self._record_end(state.job_id)
-            )
-            await message.ack()
+                return await _settle(message)
+            await publisher.event(event, state.reply_to, state.correlation_id)
+            # After the event's confirm: a job recorded as ended has had its terminal event.
+            first = await self._ended(state.job_id) if self._ended is not None else None
+            acked = await _settle(message)
             self._metrics.events_published.labels(event.status).inc()
             self._count_terminal(outcome)
-        elif isinstance(outcome, Duplicate):
-            await message.ack()
+            return acked if first is None else first
+        if isinstance(outcome, Duplicate):
+            await _settle(message)
             self._counts["duplicate"] += 1
             self._metrics.jobs_duplicate.labels(outcome.tier).inc()
             log.info(
@@ -325,10 +333,11 @@ class Consumer:
             # The creation time goes into the timestamp: when the body has none, the deadline must not move.
             headers = {ATTEMPTS_HEADER: outcome.attempts, TAKE_HEADER: outcome.take}
             await publisher.republish(message, topology.job_queue(tier), headers, outcome.created_at)
-            await message.ack()
+            await _settle(message)
             log.info("job returned to its queue: %s", outcome.reason)
         else:
             await self._reject(outcome, message, tier)
+        return False
 
     async def _reject(self, outcome: Reject, message: Received, tier: ServiceTier) -> None:
         error = outcome.error
@@ -337,15 +346,11 @@ class Consumer:
         if outcome.event is not None:
             await self._publisher.event(outcome.event, message.reply_to, message.correlation_id)
             self._metrics.events_published.labels("rejected").inc()
-        await message.ack()
+        await _settle(message)
         self._counts["rejected"] += 1
         self._metrics.jobs_rejected.labels(error.reason).inc()
         self._metrics.jobs_completed.labels(tier, "rejected").inc()
         log.warning("dead-lettered a message: %s", error.reason, extra={"job_id": error.job_id or ""})
-
-    def _record_end(self, job_id: str) -> tuple[Awaitable[None], ...]:
-        """The `ended` record of a job whose terminal event goes out now (none without remembered ids)."""
-        return (self._ended(job_id),) if self._ended is not None else ()
 
     def _count_terminal(self, outcome: Finish) -> None:
         state, event = outcome.state, outcome.event
@@ -416,6 +421,18 @@ def _failures(message: Received) -> int:
 
 def _ids(state: TrackingState) -> dict[str, str]:
     return {"job_id": state.job_id, "task_id": state.task_id or "", "tier": state.tier}
+
+
+async def _settle(message: Received) -> bool:
+    """Ack a delivery whose replacement is confirmed; False when the ack could not be sent (its channel
+    closed with the connection). Nothing more is done then: RabbitMQ hands the delivery out again, and a
+    copy put back here as well would go on beside it (a job submitted twice, a task followed twice)."""
+    try:
+        await message.ack()
+    except Exception as exc:
+        log.info("an acknowledgement did not reach RabbitMQ (%s): the delivery comes back", type(exc).__name__)
+        return False
+    return True
 
 
 async def _safely(action: Awaitable[None]) -> None:

@@ -333,7 +333,12 @@ class JobHandler:
         ended, the outcome says its running slot is free (`frees_slot`)."""
         if state.stage == "store":  # not a poll: back to the copy stage's queue
             return Track(state, 0.0)
-        if not state.cancelled and (known := self._known(state.job_id)).cancelled:
+        known = self._known(state.job_id)
+        if known.ended and not state.cancelled:
+            # A second copy of the task's state (one whose ack was lost came back beside the state that
+            # replaced it), and the other copy has seen the task end: nothing to poll, publish or free.
+            return Finish(state, None)
+        if not state.cancelled and known.cancelled:
             # The gateway cannot cancel a task: the job ends now, and its task is followed, silently, until
             # the API reports its end, so that its running slot stays taken until then.
             state = state.model_copy(update={"cancelled": True})
@@ -342,9 +347,12 @@ class JobHandler:
             early = 0.0 if state.next_poll_at is None else (state.next_poll_at - self._clock()).total_seconds()
             return Track(state, max(0.0, early), (ended.event,))
         outcome = await self._poll(state)
+        if isinstance(outcome, Finish) and not state.cancelled and self._known(state.job_id).ended:
+            return Finish(state, None)  # the other copy saw the end while this one polled
         if isinstance(outcome, Finish) or outcome.state.stage == "store":
-            # The consumer frees the slot once the delivery is acknowledged: freed before, a delivery that
-            # came back (its ack lost with the connection) would free it a second time.
+            # The consumer frees the slot once the delivery is acknowledged, and for a task's end only if
+            # its `ended` record is the job's first: a delivery that came back (its ack lost with the
+            # connection) would free it a second time.
             return replace(outcome, frees_slot=True)
         return outcome
 

@@ -24,6 +24,11 @@ the submit goes out: when a record of another copy of the job comes first in the
 duplicate. A copy that arrives after the first's record was read is known at once. Both hold on every
 replica, since all read one stream in one order (see the README for the case that is not covered: a copy
 that RabbitMQ itself hands out again, its holder dead, while the first is still being submitted).
+
+A task's end is recorded the same way (`ended`, after its terminal event's confirm, read back): a task's
+end can be handled twice, when a tracking state whose ack was lost with its connection comes back beside
+the state that replaced it, and only the handling whose record the stream holds first frees the task's
+running slot; a copy that finds its job ended is dropped unpolled.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ class JobIds:
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._leads: Callable[[], bool] = lambda: False
         self._reading_back: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self._ending: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.replay_seconds: float | None = None
         self.snapshot_ids: int | None = None  # how many ids the snapshot started from held (None: no snapshot)
 
@@ -240,10 +246,26 @@ class JobIds:
         if read_back is not None and not read_back.done():
             read_back.set_result(None)
 
-    async def ended(self, job_id: str) -> None:
-        """Record, confirmed, that this job's terminal event is out."""
-        await self._record({"job_id": job_id, "record": "ended"})
-        self.apply(job_id, ENDED | TAKEN)
+    async def ended(self, job_id: str) -> bool:
+        """Record, confirmed, that this job's terminal event is out, and read the record back: True when
+        it is the job's first `ended` record in the stream, False when another came first. A task's end
+        can be handled twice (a tracking state whose ack was lost comes back, and goes on beside the state
+        that replaced it); every replica reads the stream in one order, so exactly one handling wins, and
+        only the winner frees the task's running slot."""
+        end = new_take()
+        read_back = asyncio.get_running_loop().create_future()
+        self._ending[(job_id, end)] = read_back
+        try:
+            await self._record({"job_id": job_id, "record": "ended", "end": end})
+            return await asyncio.wait_for(read_back, READ_BACK_SECONDS)
+        finally:
+            self._ending.pop((job_id, end), None)
+
+    def _ended_read(self, job_id: str, end: int) -> None:
+        before = self.apply(job_id, ENDED | TAKEN)
+        read_back = self._ending.get((job_id, end))
+        if read_back is not None and not read_back.done():
+            read_back.set_result(not before & ENDED)
 
     async def _record(self, record: dict[str, Any]) -> None:
         channel = await self._publishing()
@@ -333,7 +355,7 @@ class JobIds:
             if kind == "taken":
                 self._taken_read(job_id, int(record.get("take", 0)))
             elif kind == "ended":
-                self.apply(job_id, ENDED | TAKEN)
+                self._ended_read(job_id, int(record.get("end", 0)))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("an unreadable record in %s at offset %s: ignored", IDS_STREAM, offset)
 

@@ -110,3 +110,18 @@ async def test_after_a_lost_connection_a_replica_is_not_current_until_it_has_rea
     assert reader.known("before").taken
     await writer.close()
     await reader.close()
+
+
+async def test_of_two_replicas_recording_one_jobs_end_at_once_exactly_one_is_first(
+    connect: Callable[[], asyncio.Future[ClusterConnection]],
+) -> None:
+    """Two handlings of one task's end (a state whose ack was lost, and the state that replaced it): only
+    the one whose record the stream holds first frees the task's running slot, on whichever replica."""
+    one = await remembered(await connect())
+    two = await remembered(await connect())
+    for n in range(20):
+        firsts = await asyncio.gather(one.ended(f"end-{n}"), two.ended(f"end-{n}"))
+        assert sorted(firsts) == [False, True], f"end-{n}: {firsts}"
+    assert await one.ended("end-0") is False  # a later copy, long after
+    await one.close()
+    await two.close()

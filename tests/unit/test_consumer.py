@@ -371,3 +371,47 @@ async def test_the_summary_counts_what_happened_since_the_last_one(rig: Rig) -> 
         "2 jobs received, 1 submitted, 1 succeeded, 0 failed, 0 expired, 1 rejected, 0 cancelled"
     )
     assert rig.consumer.summary() is None, "counts start again"
+
+
+class LostAck(Message):
+    async def ack(self, multiple: bool = False) -> None:
+        self.log.append("ack lost")
+        raise RuntimeError("Channel closed by RPC timeout")
+
+
+async def test_an_ack_that_cannot_be_sent_leaves_the_delivery_to_come_back_and_puts_back_no_copy(rig: Rig) -> None:
+    """Put back as well, the copy would go on beside the delivery RabbitMQ hands out again: a job
+    submitted twice, a task followed (and its slot freed) twice."""
+    rig.publisher.confirm.set()
+    submitted = state()
+    rig.handler.outcome = Track(submitted, 5.0, (events.event(submitted, "submitted", NOW),), submitted=True)
+    await rig.consumer.on_job("default", LostAck(rig.log))
+    moving = state(stage="store")
+    rig.handler.outcome = Track(moving, 0.0, frees_slot=True)
+    await rig.consumer.on_tracking("default", LostAck(rig.log, body=moving.model_dump_json().encode()))
+    assert rig.publisher.republished == []
+    assert not [line for line in rig.log if line.startswith(("nack", "back-off", "slot freed"))]
+    assert rig.log.count("ack lost") == 2
+    assert rig.sample("seedance_deliveries_failed_total", kind="job") == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "ack_lost", "freed"), [(True, False, True), (True, True, True), (False, False, False)]
+)
+async def test_a_tasks_end_frees_its_slot_only_when_its_end_record_came_first(
+    rig: Rig, first: bool, ack_lost: bool, freed: bool
+) -> None:
+    """The end's record decides, not the ack: a copy of the state that comes back finds the job ended."""
+
+    async def ended(job_id: str) -> bool:
+        rig.log.append(f"ended {job_id}")
+        return first
+
+    rig.consumer._ended = ended
+    rig.publisher.confirm.set()
+    done = state()
+    rig.handler.outcome = Finish(done, events.event(done, "succeeded", NOW), frees_slot=True)
+    message = (LostAck if ack_lost else Message)(rig.log, body=done.model_dump_json().encode())
+    await rig.consumer.on_tracking("default", message)
+    assert rig.log[:3] == ["publish event succeeded", "confirmed event succeeded", "ended job-1"]
+    assert ("slot freed default" in rig.log) is freed

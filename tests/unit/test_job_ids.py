@@ -40,6 +40,8 @@ class MemoryIds(JobIds):
             if record["job_id"] in self.earlier:  # another copy's record lands in the stream just before
                 self._taken_read(record["job_id"], self.earlier[record["job_id"]])
             self._taken_read(record["job_id"], record["take"])  # as the stream's reader would
+        elif record["record"] == "ended":
+            self._ended_read(record["job_id"], record["end"])
 
 
 @pytest.fixture
@@ -193,3 +195,22 @@ async def test_a_job_cancelled_while_its_video_waits_for_the_copy_ends_without_a
     # Its `cancelled` event out, the state's next pass ends it in silence.
     later = await env.handler.handle_store(state.model_copy(update={"cancelled": True}))
     assert later == Finish(state.model_copy(update={"cancelled": True}), None)
+
+
+async def test_a_second_copy_of_a_tasks_state_is_dropped_once_its_job_ended(env: Env, ids: MemoryIds) -> None:
+    """A tracking state whose ack was lost comes back beside the state that replaced it: once either copy
+    has seen the task end, the other is neither polled nor published nor frees the task's slot."""
+    submitted = await env.handler.handle_job(Delivery(job(job_id="j-10"), "default", take=7))
+    assert isinstance(submitted, Track)
+    polls = len(env.app.state.journal)
+    ids.apply("j-10", ENDED)  # the other copy's end, read from the stream
+    outcome = await env.handler.handle_tracking(submitted.state)
+    assert outcome == Finish(submitted.state, None)
+    assert not outcome.frees_slot
+    assert len(env.app.state.journal) == polls, "no poll for a copy of an ended job"
+
+
+async def test_of_two_handlings_of_a_tasks_end_only_the_first_in_the_stream_wins(ids: MemoryIds) -> None:
+    assert await ids.ended("j-11") is True
+    assert await ids.ended("j-11") is False  # a copy of its state, come back after a lost ack
+    assert ids.known("j-11").ended
