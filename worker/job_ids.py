@@ -240,6 +240,12 @@ class JobIds:
             self._reading_back.pop((job_id, take), None)
         return self.known(job_id).take == take
 
+    async def claim(self, name: str) -> bool:
+        """Claim a one-time duty named `name` (filling a new permit pool) for this replica: True when its
+        claim is the first the stream holds, for whichever replicas claim it at once. The key cannot be a
+        job id (JOB_ID_PATTERN has no `@` or `/`)."""
+        return await self.taken(f"@claim/{name}", new_take())
+
     def _taken_read(self, job_id: str, take: int) -> None:
         self.apply(job_id, TAKEN, take)
         read_back = self._reading_back.get((job_id, take))

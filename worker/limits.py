@@ -24,7 +24,9 @@ many replicas take at once.
   429, which backs the tier off). Splitting a day's budget into messages to take would cost hundreds of
   gets per submit.
 
-A pool is filled by the replica that declares it first. A replica that dies between taking a slot and
+A pool is filled by the replica that declares it first: replicas that start together all find it missing,
+so each claims the filling in the job-id stream (worker.job_ids) and only the first claim fills it. A
+replica that dies between taking a slot and
 recording its task takes a permit away for good; a task whose end is handled twice puts one back too
 many. One replica at a time, the leader (see worker.leader), reconciles: with more free permits than the
 quota leaves for three counts running it takes the difference off; with fewer for a whole window, it adds
@@ -68,6 +70,7 @@ UNREACHABLE_BACKOFF = 1.0  # how long a tier waits before it tries permits that 
 REMIND_SECONDS = 60.0
 
 T = TypeVar("T")
+Claim = Callable[[str], Awaitable[bool]]
 
 
 def token_unit(budget: int) -> int:
@@ -272,6 +275,7 @@ class TierLimits:
         self._repeats = Repeats(REMIND_SECONDS)
         self._declare_later = False  # a permit queue was found missing: declare them all again
         self._owed = 0  # running slots of ended tasks not given back yet (the broker did not answer)
+        self._claim: Claim | None = None
 
     @property
     def rpm_ttl_ms(self) -> int:
@@ -294,10 +298,12 @@ class TierLimits:
     def tokens_queue(self, day: str) -> str:
         return topology.token_permits(self.tier, day, self.daily_tokens)
 
-    async def attach(self, permits: Permits) -> None:
-        """Declare this tier's permit queues (idempotent; a pool this replica creates, it fills) and take
-        permits from now on."""
+    async def attach(self, permits: Permits, claim: Claim | None = None) -> None:
+        """Declare this tier's permit queues (idempotent) and take permits from now on. A pool this replica
+        finds missing, it fills, when `claim(pool)` says its claim to do so came first (worker.job_ids:
+        replicas that start together all find it missing); without `claim`, whenever it finds it missing."""
         self._permits = permits
+        self._claim = claim
         await self._declare()
 
     async def _declare(self) -> None:
@@ -307,11 +313,23 @@ class TierLimits:
             created = await permits.declare(self.rpm_queue, {})
             used = {"x-message-ttl": self.rpm_ttl_ms, **topology.dead_letter_to(self.rpm_queue)}
             await permits.declare(self.rpm_used_queue, used)
-            if created:
+            if created and await self._claimed(self.rpm_queue):
                 await self._add(self.rpm_queue, self.rpm)
-        if self.capacity is not None and await permits.declare(self.slots_queue, {}):
+        created = self.capacity is not None and await permits.declare(self.slots_queue, {})
+        if created and self.capacity is not None and await self._claimed(self.slots_queue):
             await self._add(self.slots_queue, self.capacity)
         self._token_day = ""
+
+    async def _claimed(self, pool: str) -> bool:
+        """Whether this replica fills the new pool `pool`; a claim that cannot be made leaves the pool to
+        the leader, which adds permits missing for a whole window."""
+        if self._claim is None:
+            return True
+        try:
+            return await self._claim(pool)
+        except Exception as exc:
+            log.warning("could not claim the filling of %s (%s); the leader fills it", pool, exc)
+            return False
 
     async def _add(self, queue: str, count: int) -> int:
         assert self._permits is not None  # noqa: S101 - only called once attached

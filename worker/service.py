@@ -117,15 +117,16 @@ class Service:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await topology.declare(channel, self._settings)
             publisher = await Publisher.open(channel, self._settings.tracking_delays_ms)
-            permits = Permits(connection)
-            for limits in self._limits.values():
-                await limits.attach(permits)
             maintaining = None
             if self._ids is not None:
                 # Every job id taken, ended or cancelled is known before the first job is taken.
                 if not await self._stopping.until(self._ids.open(connection, self._intake.leads)):
                     return
                 maintaining = asyncio.create_task(self._ids.maintain())
+            permits = Permits(connection)
+            claim = self._ids.claim if self._ids is not None else None
+            for limits in self._limits.values():
+                await limits.attach(permits, claim)
             consumer = Consumer(
                 self._handler,
                 publisher,

@@ -11,13 +11,18 @@ from typing import Any
 
 import aio_pika
 import pytest
+from prometheus_client import CollectorRegistry
 
 from contracts.api import MAX_TOKENS
 from tests.factories import tier_settings
 from tests.integration.conftest import rabbitmqctl
+from worker import topology
 from worker.errors import LimitReached
+from worker.job_ids import JobIds
 from worker.leader import Leadership
 from worker.limits import Permits, TierLimits
+from worker.metrics import Metrics
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.broker]
 
@@ -88,6 +93,33 @@ async def test_running_slots_are_shared_exactly_by_replicas_and_freed_at_once(re
     clock.pass_pauses()
     assert await attempt(replicas[2]), "...and its slot is another replica's at once"
     assert not await attempt(replicas[0]), "full again"
+
+
+async def test_replicas_starting_together_fill_a_new_pool_once(vhost: str) -> None:
+    """Each finds the pool missing; only the one whose claim the job-id stream holds first fills it (each
+    filled it before: 2 to 3 times the running limit, passed until the leader's recount took the
+    surplus off)."""
+    connections = [await aio_pika.connect_robust(vhost) for _ in range(3)]
+    channel = await connections[0].channel()
+    await topology.declare(channel, Settings())
+    remembered = [JobIds(Metrics(CollectorRegistry())) for _ in connections]
+    await asyncio.gather(*(ids.open(c, lambda: False) for ids, c in zip(remembered, connections, strict=True)))
+    for capacity in range(4, 9):  # each a new pool
+        replicas = [
+            TierLimits("default", tier_settings(rpm=None, max_in_flight=capacity, queue_ahead=0)) for _ in connections
+        ]
+        await asyncio.gather(
+            *(
+                limits.attach(Permits(c), ids.claim)
+                for limits, c, ids in zip(replicas, connections, remembered, strict=True)
+            )
+        )
+        declared = await (await channel.get_underlay_channel()).queue_declare(replicas[0].slots_queue, passive=True)
+        assert declared.message_count == capacity
+    for ids in remembered:
+        await ids.close()
+    for connection in connections:
+        await connection.close()
 
 
 async def test_a_submit_that_does_not_keep_its_slot_gives_it_back(replica: Replica) -> None:
