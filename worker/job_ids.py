@@ -41,7 +41,7 @@ import secrets
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +75,13 @@ SNAPSHOT_ARGUMENTS: dict[str, FieldValue] = {
 SNAPSHOT_SECONDS = 600.0  # the leader writes a snapshot this often when records came in since the last
 SNAPSHOT_WAIT_SECONDS = 30.0  # for the newest snapshot, when the broker counts one
 SNAPSHOT_UNCOUNTED_WAIT_SECONDS = 1.0  # when it counts none (its count lags)
+SNAPSHOT_ATTEMPTS = 20  # a stream's member on this node not running yet (a cluster), tried this often
+SNAPSHOT_RETRY_SECONDS = 0.5
 SNAPSHOT_MAX_BYTES = 12 * 1024 * 1024
 SNAPSHOT_CHUNK = 1024 * 1024  # under RabbitMQ 4.x's default max_message_size (16 MiB)
 PREFETCH = 2000
 ACK_EVERY = 500
+ACK_DELAY = 0.05  # seconds
 TAKE_HEADER = "x-seedance-take"
 READ_BACK_SECONDS = 10.0  # a taken record not read back by then: the delivery fails, and is tried again
 
@@ -205,7 +208,7 @@ class JobIds:
         finally:
             await channel.close()
         started = time.monotonic()
-        await self._load_snapshot()
+        await self._start_from_snapshot()
         self._reader = asyncio.create_task(self._read_forever())
         await self._caught_up.wait()
         self.replay_seconds = time.monotonic() - started
@@ -309,8 +312,10 @@ class JobIds:
             try:
                 await self._connection.connected.wait()
                 await self._read()
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if _really_cancelled():
+                    raise
+                log.warning("reading %s stopped (%s); resuming from offset %d", IDS_STREAM, exc, self._offset + 1)
             except Exception as exc:
                 log.warning("reading %s stopped (%s); resuming from offset %d", IDS_STREAM, exc, self._offset + 1)
             self._caught_up.clear()
@@ -323,20 +328,36 @@ class JobIds:
             await channel.basic_qos(prefetch_count=PREFETCH)
             start: int | str = self._offset + 1 if self._offset >= 0 else "first"
             unacked = 0
+            latest = 0
+            acking: asyncio.TimerHandle | None = None
+
+            def ack() -> None:
+                nonlocal unacked, acking
+                unacked, acking = 0, None
+                if not channel.is_closed:
+                    asyncio.get_running_loop().create_task(_safely(channel.basic_ack(latest, multiple=True)))
 
             async def on_record(message: DeliveredMessage) -> None:
-                nonlocal unacked
+                nonlocal unacked, latest, acking
                 self._on_record(message)
                 unacked += 1
-                if unacked >= ACK_EVERY or self._caught_up.is_set():
-                    unacked = 0
-                    await message.channel.basic_ack(message.delivery_tag or 0, multiple=True)
+                latest = message.delivery_tag or 0
+                if unacked >= ACK_EVERY:
+                    if acking is not None:
+                        acking.cancel()
+                    ack()
+                elif acking is None and self._caught_up.is_set():
+                    # Live, every record is acked within ACK_DELAY (no delivery is held unacknowledged for
+                    # long), a burst of them with one ack.
+                    acking = asyncio.get_running_loop().call_later(ACK_DELAY, ack)
 
             await channel.basic_consume(IDS_STREAM, on_record, arguments={"x-stream-offset": start})
             self._mark = uuid.uuid4().hex
             await self._record({"record": "mark", "mark": self._mark})
             await channel.closing
         finally:
+            if acking is not None:
+                acking.cancel()
             if not channel.is_closed:
                 await channel.close()
 
@@ -397,6 +418,25 @@ class JobIds:
             log.warning("could not dead-letter an unreadable cancel (%s)", exc)
 
     # Snapshots
+    async def _start_from_snapshot(self) -> None:
+        """Load the newest snapshot, trying again for a while when the broker refuses the read: on a cluster,
+        a stream just declared by another replica has no running member on this node for a moment
+        (`PRECONDITION_FAILED - ... does not have a running replica on the local node`). Without a
+        snapshot the stream is read from its start: slower, never wrong."""
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            try:
+                await self._load_snapshot()
+            except (aiormq.exceptions.AMQPError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _really_cancelled():
+                    raise
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
+                    log.warning("cannot read %s (%s); reading %s from its start", SNAPSHOT_STREAM, exc, IDS_STREAM)
+                    return
+                log.info("cannot read %s yet (%s); trying again", SNAPSHOT_STREAM, exc)
+                await asyncio.sleep(SNAPSHOT_RETRY_SECONDS)
+            else:
+                return
+
     async def _load_snapshot(self) -> None:
         """Start from the newest snapshot, when there is one: its ids, and the offset its records end at."""
         assert self._connection is not None  # noqa: S101
@@ -499,6 +539,20 @@ class JobIds:
         self._snapshot_offset = offset
         log.info("wrote a snapshot of %d job ids (%d bytes, up to offset %d)", len(self._ids), len(body), offset)
         return len(body)
+
+
+def _really_cancelled() -> bool:
+    """Whether a CancelledError is this task being cancelled: aiormq also fails the operations of a channel
+    the broker closed with one (its message the broker's reason)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+async def _safely(action: Awaitable[None]) -> None:
+    try:
+        await action
+    except Exception as exc:
+        log.debug("could not ack records of %s (%s)", IDS_STREAM, exc)
 
 
 async def _plain_channel(connection: AbstractRobustConnection) -> aiormq.abc.AbstractChannel:

@@ -9,6 +9,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -214,3 +215,39 @@ async def test_of_two_handlings_of_a_tasks_end_only_the_first_in_the_stream_wins
     assert await ids.ended("j-11") is True
     assert await ids.ended("j-11") is False  # a copy of its state, come back after a lost ack
     assert ids.known("j-11").ended
+
+
+async def test_a_snapshot_stream_not_yet_running_on_this_node_is_read_again_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster, a stream another replica just declared has no running member on this node for a
+    moment: the broker closes the channel, and aiormq fails the read with CancelledError."""
+    monkeypatch.setattr("worker.job_ids.SNAPSHOT_RETRY_SECONDS", 0.0)
+    refusals = [
+        aiormq.exceptions.ChannelPreconditionFailed("PRECONDITION_FAILED - no running replica on the local node"),
+        asyncio.CancelledError("PRECONDITION_FAILED - stream queue does not have a running replica"),
+    ]
+    calls = []
+
+    class Refusing(JobIds):
+        async def _load_snapshot(self) -> None:
+            calls.append(1)
+            if refusals:
+                raise refusals.pop(0)
+            self.snapshot_ids = 3
+
+    ids = Refusing(Metrics(CollectorRegistry()))
+    await ids._start_from_snapshot()
+    assert (len(calls), ids.snapshot_ids) == (3, 3)
+
+
+async def test_a_real_cancellation_while_waiting_for_the_snapshot_is_not_swallowed() -> None:
+    class Waiting(JobIds):
+        async def _load_snapshot(self) -> None:
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(Waiting(Metrics(CollectorRegistry()))._start_from_snapshot())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
