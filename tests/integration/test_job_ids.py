@@ -125,4 +125,3 @@ async def test_of_two_replicas_recording_one_jobs_end_at_once_exactly_one_is_fir
     assert await one.ended("end-0") is False  # a later copy, long after
     await one.close()
     await two.close()
-
