@@ -83,6 +83,7 @@ PREFETCH = 2000
 ACK_EVERY = 500
 ACK_DELAY = 0.05  # seconds
 TAKE_HEADER = "x-seedance-take"
+CLAIM_SECONDS = 30.0  # claims this close to the winning one are the same round (replicas starting together)
 READ_BACK_SECONDS = 10.0  # a taken record not read back by then: the delivery fails, and is tried again
 
 # One int per id: flags in the low bits, the minute it was first seen above them, then the take token.
@@ -146,6 +147,8 @@ class JobIds:
         self._leads: Callable[[], bool] = lambda: False
         self._reading_back: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._ending: dict[tuple[str, int], asyncio.Future[bool]] = {}
+        self._claims: dict[str, tuple[int, float]] = {}  # name -> the winning claim and its time
+        self._claiming: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.replay_seconds: float | None = None
         self.snapshot_ids: int | None = None  # how many ids the snapshot started from held (None: no snapshot)
 
@@ -244,10 +247,27 @@ class JobIds:
         return self.known(job_id).take == take
 
     async def claim(self, name: str) -> bool:
-        """Claim a one-time duty named `name` (filling a new permit pool) for this replica: True when its
-        claim is the first the stream holds, for whichever replicas claim it at once. The key cannot be a
-        job id (JOB_ID_PATTERN has no `@` or `/`)."""
-        return await self.taken(f"@claim/{name}", new_take())
+        """Claim a duty named `name` (filling a new permit pool) for this replica: True when its claim is
+        the first the stream holds of the claims made within CLAIM_SECONDS of each other, for whichever
+        replicas claim it at once. A claim made longer after the last one winning (the pool deleted and
+        declared again later) starts afresh. The records carry the claimer's time, so every replica
+        decides alike."""
+        token = new_take()
+        read_back = asyncio.get_running_loop().create_future()
+        self._claiming[(name, token)] = read_back
+        try:
+            await self._record({"record": "claim", "name": name, "claim": token, "at": self._clock()})
+            return await asyncio.wait_for(read_back, READ_BACK_SECONDS)
+        finally:
+            self._claiming.pop((name, token), None)
+
+    def _claim_read(self, name: str, token: int, at: float) -> None:
+        won = self._claims.get(name)
+        if won is None or at - won[1] > CLAIM_SECONDS:
+            self._claims[name] = won = (token, at)
+        read_back = self._claiming.get((name, token))
+        if read_back is not None and not read_back.done():
+            read_back.set_result(won[0] == token)
 
     def _taken_read(self, job_id: str, take: int) -> None:
         self.apply(job_id, TAKEN, take)
@@ -377,6 +397,9 @@ class JobIds:
             if kind == "mark":
                 if record.get("mark") == self._mark and not self._caught_up.is_set():
                     self._caught_up.set()
+                return
+            if kind == "claim":
+                self._claim_read(record["name"], int(record["claim"]), float(record["at"]))
                 return
             job_id = record["job_id"]
             if kind == "taken":

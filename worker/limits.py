@@ -25,8 +25,8 @@ many replicas take at once.
   gets per submit.
 
 A pool is filled by the replica that declares it first: replicas that start together all find it missing,
-so each claims the filling in the job-id stream (worker.job_ids) and only the first claim fills it. A
-replica that dies between taking a slot and
+so each claims the filling in the job-id stream (worker.job_ids) and only the first claim fills it (a pool
+deleted under running replicas is filled by whichever declares it again). A replica that dies between taking a slot and
 recording its task takes a permit away for good; a task whose end is handled twice puts one back too
 many. One replica at a time, the leader (see worker.leader), reconciles: with more free permits than the
 quota leaves for three counts running it takes the difference off; with fewer for a whole window, it adds
@@ -304,19 +304,22 @@ class TierLimits:
         replicas that start together all find it missing); without `claim`, whenever it finds it missing."""
         self._permits = permits
         self._claim = claim
-        await self._declare()
+        await self._declare(starting=True)
 
-    async def _declare(self) -> None:
+    async def _declare(self, *, starting: bool = False) -> None:
+        """Declare the permit queues; fill a pool this replica finds missing (at start-up only when its
+        claim came first: replicas start together; later, a pool deleted under running replicas, whichever
+        finds it missing first fills it, and two at once may fill it twice until the leader's recount)."""
         permits = self._permits
         assert permits is not None  # noqa: S101 - only called once attached
         if self.rpm is not None:
             created = await permits.declare(self.rpm_queue, {})
             used = {"x-message-ttl": self.rpm_ttl_ms, **topology.dead_letter_to(self.rpm_queue)}
             await permits.declare(self.rpm_used_queue, used)
-            if created and await self._claimed(self.rpm_queue):
+            if created and (not starting or await self._claimed(self.rpm_queue)):
                 await self._add(self.rpm_queue, self.rpm)
         created = self.capacity is not None and await permits.declare(self.slots_queue, {})
-        if created and self.capacity is not None and await self._claimed(self.slots_queue):
+        if created and self.capacity is not None and (not starting or await self._claimed(self.slots_queue)):
             await self._add(self.slots_queue, self.capacity)
         self._token_day = ""
 

@@ -125,3 +125,21 @@ async def test_of_two_replicas_recording_one_jobs_end_at_once_exactly_one_is_fir
     assert await one.ended("end-0") is False  # a later copy, long after
     await one.close()
     await two.close()
+
+
+async def test_a_claim_wins_once_per_round_and_a_later_round_starts_afresh(
+    connect: Callable[[], asyncio.Future[ClusterConnection]],
+) -> None:
+    """Replicas that start together agree on one filler of a new permit pool; a pool deleted and declared
+    again later is filled again."""
+    one = await remembered(await connect())
+    two = await remembered(await connect())
+    now = [1000.0]
+    one._clock = two._clock = lambda: now[0]
+    firsts = await asyncio.gather(one.claim("pool"), two.claim("pool"), one.claim("pool"))
+    assert sorted(firsts) == [False, False, True]
+    now[0] += 31  # past CLAIM_SECONDS: the pool was deleted and is declared again
+    assert await two.claim("pool") is True
+    assert await one.claim("pool") is False
+    await one.close()
+    await two.close()
