@@ -66,6 +66,7 @@ PROBE_SECONDS = 0.2  # how soon a replica tries a full limit again (one probe at
 MAX_TOKEN_BYTES = 1 << 26  # a day's budget in at most 64 MiB of permit bodies
 RPM_MARGIN = 0.02  # a per-minute permit lives 2 % longer than the minute (at most one second longer)
 BROKER_SECONDS = 5.0  # one permit operation; longer means the broker cannot answer now (a node lost)
+NOT_READY_PAUSE = 0.05  # before a new pool that refused a permit (still starting) is tried again
 UNREACHABLE_BACKOFF = 1.0  # how long a tier waits before it tries permits that did not answer again
 REMIND_SECONDS = 60.0
 
@@ -335,10 +336,22 @@ class TierLimits:
             return False
 
     async def _add(self, queue: str, count: int) -> int:
+        """Add `count` permits to the unbounded pool `queue`. It refuses one only while it is not ready: a
+        quorum queue another replica is still creating answers its declare at once and nacks a publish
+        until its members have started (the filler's first permit was lost that way, the pool one short
+        until the leader's recount). Such a refusal is tried again, for up to BROKER_SECONDS."""
         assert self._permits is not None  # noqa: S101 - only called once attached
         added = 0
-        for _ in range(count):
-            added += await self._permits.put(queue)
+        refusals = 0
+        while added < count:
+            if await self._permits.put(queue):
+                added += 1
+            elif refusals * NOT_READY_PAUSE < BROKER_SECONDS:
+                refusals += 1
+                await asyncio.sleep(NOT_READY_PAUSE)
+            else:
+                log.warning("%s refused %d of %d permits; the leader adds them", queue, count - added, count)
+                break
         return added
 
     async def _remove(self, queue: str, count: int) -> int:

@@ -122,6 +122,33 @@ async def test_replicas_starting_together_fill_a_new_pool_once(vhost: str) -> No
         await connection.close()
 
 
+async def test_a_pool_another_replica_is_still_creating_is_filled_in_full(vhost: str) -> None:
+    """A quorum queue declared by one connection answers another's declare at once and nacks publishes
+    until its members have started: the filler lost its first permit that way (CI saw a pool of 7 hold 6).
+    The creator starts 0.1 ms later each round, so that some rounds land its declare between the filler's
+    check for the pool and the filler's own declare (here about 8 ms in)."""
+    creator, filler = await aio_pika.connect_robust(vhost), await aio_pika.connect_robust(vhost)
+    channel = await (await creator.channel()).get_underlay_channel()  # a robust one answers from its cache
+    filled = 0
+    try:
+        for round_ in range(200):
+            limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=7, queue_ahead=0))
+
+            async def create(pool: str = limits.slots_queue, delay: float = round_ / 10_000) -> None:
+                await asyncio.sleep(delay)
+                await channel.queue_declare(pool, durable=True, arguments=topology.QUORUM)
+
+            await asyncio.gather(create(), limits.attach(Permits(filler)))
+            held = (await channel.queue_declare(limits.slots_queue, passive=True)).message_count
+            assert held in (0, limits.capacity), f"round {round_}: {held} of {limits.capacity}"
+            filled += held > 0
+            await channel.queue_delete(limits.slots_queue)
+        assert filled, "the filler found the pool missing in some rounds"
+    finally:
+        await creator.close()
+        await filler.close()
+
+
 async def test_a_submit_that_does_not_keep_its_slot_gives_it_back(replica: Replica) -> None:
     limits = await replica(max_in_flight=1)
     assert await attempt(limits, keep=False)

@@ -209,17 +209,22 @@ class Pool:
     """The broker side of one slot pool, as worker.limits.Permits offers it: the test decides whether a
     put goes through, is never sent, or gets no confirm, and whether the connection is up."""
 
-    def __init__(self, free: int) -> None:
+    def __init__(self, free: int, *, new: bool = False, refusing: int = 0) -> None:
         self.free = free
+        self.new = new  # the pool was not there: declare made it
+        self.refusing = refusing  # puts nacked first, as by a quorum queue still starting
         self.connected = True
         self.failure: PermitsUnreachable | None = None
 
     async def declare(self, name: str, arguments: dict[str, object]) -> bool:
-        return False
+        return self.new
 
     async def put(self, queue: str, body: bytes = b"") -> bool:
         if self.failure is not None:
             raise self.failure
+        if self.refusing:
+            self.refusing -= 1
+            return False
         self.free += 1
         return True
 
@@ -235,6 +240,13 @@ class Pool:
         if self.failure is not None:
             raise self.failure
         return self.free
+
+
+async def test_a_new_pool_that_refuses_its_first_permits_while_starting_is_still_filled_in_full() -> None:
+    limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=7, queue_ahead=0))
+    pool = Pool(free=0, new=True, refusing=2)
+    await limits.attach(pool)  # type: ignore[arg-type]
+    assert (pool.free, pool.refusing) == (7, 0)
 
 
 @pytest.mark.parametrize(
