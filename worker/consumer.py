@@ -69,14 +69,17 @@ class Consumer:
         tracking_delays_ms: tuple[int, ...] = (1000,),
         pause: Pause = _sleep,
         ended: Record | None = None,
+        freed: Record | None = None,
         slot_freed: SlotFreed | None = None,
     ) -> None:
         """`pause(seconds)` waits out a back-off and says False when the worker is stopping instead;
         `ended(job_id)` records, for every replica, that a job's terminal event is out, and says whether
-        this was the job's first end (worker.job_ids); `slot_freed(tier)` gives a running slot back
-        (worker.limits), once the delivery of a task that left it is acknowledged, and only by the handling
-        that recorded the task's first end."""
+        this was the job's first end (worker.job_ids); `freed(job_id)` the same for a task's end that is
+        not its job's (on to the copy stage; a cancelled job's task); `slot_freed(tier)` gives a running
+        slot back (worker.limits), once the delivery of a task that left it is acknowledged, and only by
+        the handling that recorded the task's first end."""
         self._ended = ended
+        self._freed = freed
         self._slot_freed = slot_freed
         self._handler = handler
         self._publisher = publisher
@@ -156,6 +159,13 @@ class Consumer:
 
     async def on_store(self, tier: ServiceTier, message: Received) -> None:
         await self._on_state("store", tier, message, self._handler.handle_store)
+
+    async def _first_freed(self, outcome: Track | Finish) -> bool | None:
+        """For a task's end that frees its slot but is not its job's end: whether this handling's `freed`
+        record is the job's first (None when nothing is recorded: the ack decides)."""
+        if not outcome.frees_slot or self._freed is None:
+            return None
+        return await self._freed(outcome.state.job_id)
 
     async def _on_state(
         self,
@@ -300,6 +310,7 @@ class Consumer:
                 *(publisher.event(e, state.reply_to, state.correlation_id) for e in outcome.events),
                 *((self._ended(state.job_id),) if ends and self._ended is not None else ()),
             )
+            first = await self._first_freed(outcome)  # on to the copy stage, once its state is confirmed
             acked = await _settle(message)
             for published in outcome.events:
                 self._metrics.events_published.labels(published.status).inc()
@@ -310,11 +321,13 @@ class Consumer:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("submitted", extra=_ids(state))
             self._counts["submitted"] += outcome.submitted
-            return acked
+            return acked if first is None else first
         if isinstance(outcome, Finish):
             state, event = outcome.state, outcome.event
             if event is None:  # the job's terminal event went out before (cancelled after submission)
-                return await _settle(message)
+                first = await self._first_freed(outcome)
+                acked = await _settle(message)
+                return acked if first is None else first
             await publisher.event(event, state.reply_to, state.correlation_id)
             # After the event's confirm: a job recorded as ended has had its terminal event.
             first = await self._ended(state.job_id) if self._ended is not None else None

@@ -334,7 +334,7 @@ class JobHandler:
         if state.stage == "store":  # not a poll: back to the copy stage's queue
             return Track(state, 0.0)
         known = self._known(state.job_id)
-        if known.ended and not state.cancelled:
+        if _seen_end(known, state):
             # A second copy of the task's state (one whose ack was lost came back beside the state that
             # replaced it), and the other copy has seen the task end: nothing to poll, publish or free.
             return Finish(state, None)
@@ -347,12 +347,12 @@ class JobHandler:
             early = 0.0 if state.next_poll_at is None else (state.next_poll_at - self._clock()).total_seconds()
             return Track(state, max(0.0, early), (ended.event,))
         outcome = await self._poll(state)
-        if isinstance(outcome, Finish) and not state.cancelled and self._known(state.job_id).ended:
-            return Finish(state, None)  # the other copy saw the end while this one polled
         if isinstance(outcome, Finish) or outcome.state.stage == "store":
-            # The consumer frees the slot once the delivery is acknowledged, and for a task's end only if
-            # its `ended` record is the job's first: a delivery that came back (its ack lost with the
-            # connection) would free it a second time.
+            if _seen_end(self._known(state.job_id), state):
+                return Finish(state, None)  # the other copy saw the end while this one polled
+            # The consumer frees the slot only if this handling's `ended` record (or `freed`, for a task
+            # that leaves for the copy stage or whose job ended cancelled) is the job's first: a delivery
+            # that came back (its ack lost with the connection) would free it a second time.
             return replace(outcome, frees_slot=True)
         return outcome
 
@@ -438,7 +438,9 @@ class JobHandler:
         """Copy the video of a succeeded task into the store; finish `succeeded`, with the copy or why not."""
         if state.cancelled:
             return Finish(state, None)
-        if (known := self._known(state.job_id)).cancelled:
+        if (known := self._known(state.job_id)).ended:
+            return Finish(state, None)  # a second copy of the state (an ack lost), and the other copy ended it
+        if known.cancelled:
             return self._cancelled(state, known, "CANCELLED_AFTER_SUBMIT")  # the video is not copied
         now = self._clock()
         if self._store is None or self._store_access is None or state.video_url is None:
@@ -513,6 +515,12 @@ class JobHandler:
         if state.cancelled:
             return Finish(state, None)  # the job ended `cancelled` already: its task's end says nothing more
         return Finish(state, events.event(state, status, self._clock(), error=events.error(code, message)))
+
+
+def _seen_end(known: Known, state: TrackingState) -> bool:
+    """Whether another handling of this task's state has seen the task end: its job ended (unless this
+    is the state of a cancelled job, whose task is followed after its end), or its slot was freed."""
+    return known.freed or (known.ended and not state.cancelled)
 
 
 def _ids(state: TrackingState) -> dict[str, str]:

@@ -28,7 +28,9 @@ that RabbitMQ itself hands out again, its holder dead, while the first is still 
 A task's end is recorded the same way (`ended`, after its terminal event's confirm, read back): a task's
 end can be handled twice, when a tracking state whose ack was lost with its connection comes back beside
 the state that replaced it, and only the handling whose record the stream holds first frees the task's
-running slot; a copy that finds its job ended is dropped unpolled.
+running slot; a copy that finds its job ended is dropped unpolled. Where the end of the task is not the end
+of the job (the video goes on to the copy stage; a cancelled job's task, followed until it ends), a `freed`
+record plays that part for the slot.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ _FLAGS = 3
 _MINUTE_BITS = 27
 
 
+_TOKEN_FIELDS = {"taken": "take", "ended": "end", "freed": "free"}  # a job record's kind: its token's field
+
+
 def new_take() -> int:
     """A token naming one taking of a job message: the record carries it, and so does the job message the
     worker puts back in its queue, so the worker knows its own job from a producer's copy."""
@@ -107,6 +112,7 @@ class Known:
     cancelled: bool = False
     take: int = 0
     reason: str | None = None
+    freed: bool = False  # a `freed` record: the task's end was handled before its job's end
 
     def duplicate(self, take: int | None, redelivered: bool) -> bool:
         """Whether a job message with this id is a copy of a job already taken: its own message put back
@@ -137,6 +143,7 @@ class JobIds:
         self._clock = clock
         self._ids: dict[str, int] = {}
         self._reasons: dict[str, str | None] = {}  # cancels only: a few, with their reason text
+        self._freed: set[str] = set()  # ids with a `freed` record (copy stage, cancelled): a few
         self._connection: AbstractRobustConnection | None = None
         self._offset = -1  # the last record applied
         self._snapshot_offset = -1  # the last record the newest snapshot covers
@@ -145,10 +152,9 @@ class JobIds:
         self._reader: asyncio.Task[None] | None = None
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._leads: Callable[[], bool] = lambda: False
-        self._reading_back: dict[tuple[str, int], asyncio.Future[None]] = {}
-        self._ending: dict[tuple[str, int], asyncio.Future[bool]] = {}
+        # A record of this replica waiting to be read back, by (kind, job id or name, token): the answer.
+        self._reading_back: dict[tuple[str, str, int], asyncio.Future[bool]] = {}
         self._claims: dict[str, tuple[int, float]] = {}  # name -> the winning claim and its time
-        self._claiming: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.replay_seconds: float | None = None
         self.snapshot_ids: int | None = None  # how many ids the snapshot started from held (None: no snapshot)
 
@@ -171,6 +177,7 @@ class JobIds:
             cancelled=bool(value & CANCELLED),
             take=value >> (_FLAGS + _MINUTE_BITS),
             reason=self._reasons.get(job_id),
+            freed=job_id in self._freed,
         )
 
     def apply(self, job_id: str, flags: int, take: int = 0, reason: str | None = None) -> int:
@@ -196,6 +203,7 @@ class JobIds:
         for job_id in stale:
             del self._ids[job_id]
             self._reasons.pop(job_id, None)
+            self._freed.discard(job_id)
         return len(stale)
 
     # Life on the broker
@@ -237,43 +245,7 @@ class JobIds:
         record back: True when it is the job's first in the stream (submit it), False when another copy's
         came first (this one is a duplicate). Every replica reads the stream in the same order, so copies
         taken at the same moment, on one replica or several, agree on which one goes on."""
-        read_back = asyncio.get_running_loop().create_future()
-        self._reading_back[(job_id, take)] = read_back
-        try:
-            await self._record({"job_id": job_id, "record": "taken", "take": take})
-            await asyncio.wait_for(read_back, READ_BACK_SECONDS)
-        finally:
-            self._reading_back.pop((job_id, take), None)
-        return self.known(job_id).take == take
-
-    async def claim(self, name: str) -> bool:
-        """Claim a duty named `name` (filling a new permit pool) for this replica: True when its claim is
-        the first the stream holds of the claims made within CLAIM_SECONDS of each other, for whichever
-        replicas claim it at once. A claim made longer after the last one winning (the pool deleted and
-        declared again later) starts afresh. The records carry the claimer's time, so every replica
-        decides alike."""
-        token = new_take()
-        read_back = asyncio.get_running_loop().create_future()
-        self._claiming[(name, token)] = read_back
-        try:
-            await self._record({"record": "claim", "name": name, "claim": token, "at": self._clock()})
-            return await asyncio.wait_for(read_back, READ_BACK_SECONDS)
-        finally:
-            self._claiming.pop((name, token), None)
-
-    def _claim_read(self, name: str, token: int, at: float) -> None:
-        won = self._claims.get(name)
-        if won is None or at - won[1] > CLAIM_SECONDS:
-            self._claims[name] = won = (token, at)
-        read_back = self._claiming.get((name, token))
-        if read_back is not None and not read_back.done():
-            read_back.set_result(won[0] == token)
-
-    def _taken_read(self, job_id: str, take: int) -> None:
-        self.apply(job_id, TAKEN, take)
-        read_back = self._reading_back.get((job_id, take))
-        if read_back is not None and not read_back.done():
-            read_back.set_result(None)
+        return await self._read_back("taken", job_id, take)
 
     async def ended(self, job_id: str) -> bool:
         """Record, confirmed, that this job's terminal event is out, and read the record back: True when
@@ -281,20 +253,68 @@ class JobIds:
         can be handled twice (a tracking state whose ack was lost comes back, and goes on beside the state
         that replaced it); every replica reads the stream in one order, so exactly one handling wins, and
         only the winner frees the task's running slot."""
-        end = new_take()
+        return await self._read_back("ended", job_id, new_take())
+
+    async def freed(self, job_id: str) -> bool:
+        """As `ended`, for a task whose end is not its job's: it left for the copy stage, or its job ended
+        `cancelled` before. True when this is the job's first `freed` record: only then is the task's
+        running slot freed."""
+        return await self._read_back("freed", job_id, new_take())
+
+    async def claim(self, name: str) -> bool:
+        """Claim a duty named `name` (filling a new permit pool) for this replica: True when its claim is
+        the first the stream holds of the claims made within CLAIM_SECONDS of each other, for whichever
+        replicas claim it at once. A claim made longer after the last one winning (the pool deleted and
+        declared again later) starts afresh. The records carry the claimer's time, so every replica
+        decides alike."""
+        return await self._read_back("claim", name, new_take(), at=self._clock())
+
+    async def _read_back(self, kind: str, key: str, token: int, **fields: Any) -> bool:
+        """Publish a `kind` record (confirmed) and wait until the reader applies it: its answer, whether
+        the record was the first of its kind for `key` (READ_BACK_SECONDS at most: the delivery fails, and
+        is tried again)."""
         read_back = asyncio.get_running_loop().create_future()
-        self._ending[(job_id, end)] = read_back
+        self._reading_back[(kind, key, token)] = read_back
+        name, field = ("name", "claim") if kind == "claim" else ("job_id", _TOKEN_FIELDS[kind])
         try:
-            await self._record({"job_id": job_id, "record": "ended", "end": end})
+            await self._record({name: key, "record": kind, field: token, **fields})
             return await asyncio.wait_for(read_back, READ_BACK_SECONDS)
         finally:
-            self._ending.pop((job_id, end), None)
+            self._reading_back.pop((kind, key, token), None)
 
-    def _ended_read(self, job_id: str, end: int) -> None:
-        before = self.apply(job_id, ENDED | TAKEN)
-        read_back = self._ending.get((job_id, end))
+    def _apply_record(self, record: dict[str, Any]) -> None:
+        """Apply one record of the stream (as parsed), and answer this replica's read-back of it."""
+        kind = record.get("record")
+        if kind == "mark":
+            if record.get("mark") == self._mark and not self._caught_up.is_set():
+                self._caught_up.set()
+            return
+        if kind == "claim":
+            name, token, at = record["name"], int(record["claim"]), float(record["at"])
+            won = self._claims.get(name)
+            if won is None or at - won[1] > CLAIM_SECONDS:
+                self._claims[name] = won = (token, at)
+            self._answer(kind, name, token, won[0] == token)
+            return
+        if kind not in _TOKEN_FIELDS:
+            return  # a record of a later version: nothing this one knows to do with it
+        job_id, token = record["job_id"], int(record.get(_TOKEN_FIELDS[kind], 0))
+        if kind == "taken":
+            self.apply(job_id, TAKEN, token)
+            self._answer(kind, job_id, token, self.known(job_id).take == token)
+        elif kind == "ended":
+            before = self.apply(job_id, ENDED | TAKEN)
+            self._answer(kind, job_id, token, not before & ENDED)
+        else:  # freed
+            first = job_id not in self._freed
+            self.apply(job_id, TAKEN)
+            self._freed.add(job_id)
+            self._answer(kind, job_id, token, first)
+
+    def _answer(self, kind: str, key: str, token: int, first: bool) -> None:
+        read_back = self._reading_back.get((kind, key, token))
         if read_back is not None and not read_back.done():
-            read_back.set_result(not before & ENDED)
+            read_back.set_result(first)
 
     async def _record(self, record: dict[str, Any]) -> None:
         channel = await self._publishing()
@@ -332,11 +352,10 @@ class JobIds:
             try:
                 await self._connection.connected.wait()
                 await self._read()
-            except asyncio.CancelledError as exc:
-                if _really_cancelled():
+            except (asyncio.CancelledError, Exception) as exc:
+                # aiormq fails a channel's operations with CancelledError when the broker closes it.
+                if isinstance(exc, asyncio.CancelledError) and _really_cancelled():
                     raise
-                log.warning("reading %s stopped (%s); resuming from offset %d", IDS_STREAM, exc, self._offset + 1)
-            except Exception as exc:
                 log.warning("reading %s stopped (%s); resuming from offset %d", IDS_STREAM, exc, self._offset + 1)
             self._caught_up.clear()
             await asyncio.sleep(1.0)
@@ -392,20 +411,7 @@ class JobIds:
             self._on_cancel(message.body)
             return
         try:
-            record = json.loads(message.body)
-            kind = record.get("record")
-            if kind == "mark":
-                if record.get("mark") == self._mark and not self._caught_up.is_set():
-                    self._caught_up.set()
-                return
-            if kind == "claim":
-                self._claim_read(record["name"], int(record["claim"]), float(record["at"]))
-                return
-            job_id = record["job_id"]
-            if kind == "taken":
-                self._taken_read(job_id, int(record.get("take", 0)))
-            elif kind == "ended":
-                self._ended_read(job_id, int(record.get("end", 0)))
+            self._apply_record(json.loads(message.body))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("an unreadable record in %s at offset %s: ignored", IDS_STREAM, offset)
 
@@ -513,7 +519,10 @@ class JobIds:
             pending = lines.pop()
             for line in lines:
                 job_id, _, value = line.partition(b" ")
-                ids[job_id.decode()] = int(value)
+                value, _, freed = value.partition(b" ")
+                ids[key := job_id.decode()] = int(value)
+                if freed == b"f":
+                    self._freed.add(key)
                 count += 1
             if inflate.eof:
                 break
@@ -540,7 +549,13 @@ class JobIds:
         parts = [deflate.compress(header.encode() + b"\n")]
         ids = list(self._ids.items())
         for start in range(0, len(ids), 10_000):
-            lines = "".join(f"{job_id} {value}\n" for job_id, value in ids[start : start + 10_000])
+            # A freed id's line ends in " f" (a version before `freed` records reads no such snapshot, and
+            # reads the stream from its start instead: slower, never wrong).
+            freed = self._freed
+            lines = "".join(
+                f"{job_id} {value} f\n" if job_id in freed else f"{job_id} {value}\n"
+                for job_id, value in ids[start : start + 10_000]
+            )
             parts.append(deflate.compress(lines.encode()))
         parts.append(deflate.flush())
         body = b"".join(parts)

@@ -135,6 +135,7 @@ class Service:
                 tracking_delays_ms=self._settings.tracking_delays_ms,
                 pause=self._stopping.sleep,
                 ended=self._ids.ended if self._ids is not None else None,
+                freed=self._ids.freed if self._ids is not None else None,
                 slot_freed=self._task_ended,
             )
             self.declared = True

@@ -63,8 +63,11 @@ async def test_a_new_replica_starts_from_the_snapshot_and_reads_the_records_afte
     await first.taken("a", 11)
     await first.ended("a")
     first.apply("in-snapshot-only", 1)  # never recorded: only the snapshot can tell another replica
+    await first.taken("d", 33)
+    assert await first.freed("d")  # on to the copy stage
     assert await first.snapshot() > 0
     await first.taken("b", 22)
+    assert await first.freed("e")  # after the snapshot: read as a record
     async with await Client.connect(vhost) as client:
         await client.cancel("c", "no longer wanted")
     await wait_for(lambda: first.known("c").cancelled, what="the cancel read by the first replica")
@@ -74,6 +77,9 @@ async def test_a_new_replica_starts_from_the_snapshot_and_reads_the_records_afte
     assert second.known("a") == Known(taken=True, ended=True, take=11)
     assert second.known("in-snapshot-only").taken
     assert second.known("b") == Known(taken=True, take=22)
+    assert second.known("d") == Known(taken=True, take=33, freed=True)
+    assert second.known("e") == Known(taken=True, freed=True)
+    assert not await second.freed("d"), "a copy of its state after a lost ack frees nothing"
     assert second.known("c") == Known(cancelled=True, reason="no longer wanted")
     assert second.known("never") == Known()
     await first.close()
@@ -143,3 +149,23 @@ async def test_a_claim_wins_once_per_round_and_a_later_round_starts_afresh(
     assert await one.claim("pool") is False
     await one.close()
     await two.close()
+
+
+async def test_records_read_are_acknowledged_soon_even_when_few(
+    vhost: str, connect: Callable[[], asyncio.Future[ClusterConnection]]
+) -> None:
+    """A stream's records count against the reader's prefetch until acked; acked only every ACK_EVERY
+    records, a quiet replica's reader would hold its last few for ever (and stop reading at PREFETCH)."""
+    ids = await remembered(await connect())
+    for n in range(3):
+        assert await ids.taken(f"few-{n}", n + 1)
+    name = vhost.rsplit("/", 1)[1]
+
+    def held() -> int:
+        lines = (
+            line.split("\t") for line in rabbitmqctl("list_channels", "vhost", "messages_unacknowledged").splitlines()
+        )
+        return sum(int(fields[1]) for fields in lines if len(fields) == 2 and fields[0] == name)
+
+    await wait_for(lambda: held() == 0, what="the reader to ack the records it read")
+    await ids.close()

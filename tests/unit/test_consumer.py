@@ -415,3 +415,30 @@ async def test_a_tasks_end_frees_its_slot_only_when_its_end_record_came_first(
     await rig.consumer.on_tracking("default", message)
     assert rig.log[:3] == ["publish event succeeded", "confirmed event succeeded", "ended job-1"]
     assert ("slot freed default" in rig.log) is freed
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("ending", ["on to the copy stage", "a cancelled job's task"])
+async def test_a_tasks_end_that_is_not_its_jobs_frees_its_slot_only_when_its_freed_record_came_first(
+    rig: Rig, first: bool, ending: str
+) -> None:
+    """Without the record a copy of the state that came back after a lost ack freed the slot again: both
+    were settled, and each freed it on its ack."""
+
+    async def freed(job_id: str) -> bool:
+        rig.log.append(f"freed {job_id}")
+        return first
+
+    rig.consumer._freed = freed
+    rig.publisher.confirm.set()
+    if ending == "on to the copy stage":
+        moving = state(stage="store")
+        rig.handler.outcome = Track(moving, 0.0, frees_slot=True)
+        recorded_after = ["publish state", "confirmed state"]
+    else:
+        moving = state(cancelled=True)
+        rig.handler.outcome = Finish(moving, None, frees_slot=True)
+        recorded_after = []
+    await rig.consumer.on_tracking("default", rig.message(body=moving.model_dump_json().encode()))
+    assert rig.log[: len(recorded_after) + 2] == [*recorded_after, "freed job-1", "ack"]
+    assert ("slot freed default" in rig.log) is first

@@ -37,12 +37,10 @@ class MemoryIds(JobIds):
 
     async def _record(self, record: dict[str, Any]) -> None:
         self.records.append((record, len(self.env.submits())))
-        if record["record"] == "taken":
-            if record["job_id"] in self.earlier:  # another copy's record lands in the stream just before
-                self._taken_read(record["job_id"], self.earlier[record["job_id"]])
-            self._taken_read(record["job_id"], record["take"])  # as the stream's reader would
-        elif record["record"] == "ended":
-            self._ended_read(record["job_id"], record["end"])
+        if record["record"] == "taken" and record["job_id"] in self.earlier:
+            # another copy's record lands in the stream just before
+            self._apply_record({**record, "take": self.earlier[record["job_id"]]})
+        self._apply_record(record)  # as the stream's reader would
 
 
 @pytest.fixture
@@ -215,6 +213,49 @@ async def test_of_two_handlings_of_a_tasks_end_only_the_first_in_the_stream_wins
     assert await ids.ended("j-11") is True
     assert await ids.ended("j-11") is False  # a copy of its state, come back after a lost ack
     assert ids.known("j-11").ended
+
+
+async def test_of_two_handlings_of_a_tasks_end_that_is_not_its_jobs_only_the_first_frees(ids: MemoryIds) -> None:
+    assert await ids.freed("j-12") is True
+    assert await ids.freed("j-12") is False  # a copy of its state, come back after a lost ack
+    assert ids.known("j-12").freed
+    assert not ids.known("j-12").ended, "the job goes on (to the copy stage)"
+    assert await ids.ended("j-12") is True, "its job's end is recorded apart"
+
+
+async def test_a_second_copy_of_a_tasks_state_is_dropped_once_the_other_left_for_the_copy_stage(
+    env: Env, ids: MemoryIds
+) -> None:
+    """Polled, the copy saw the task succeed and went to the copy stage as well: two copies of one
+    video, two `succeeded` events."""
+    submitted = await env.handler.handle_job(Delivery(job(job_id="j-13"), "default", take=8))
+    assert isinstance(submitted, Track)
+    polls = len(env.app.state.journal)
+    assert await ids.freed("j-13")  # the other copy's, read from the stream
+    for copy in (submitted.state, submitted.state.model_copy(update={"cancelled": True})):
+        outcome = await env.handler.handle_tracking(copy)
+        assert outcome == Finish(copy, None)
+        assert not outcome.frees_slot
+    assert len(env.app.state.journal) == polls, "no poll for a copy whose task's end was handled"
+
+
+async def test_a_second_copy_of_a_store_state_is_dropped_once_its_job_ended(env: Env, ids: MemoryIds) -> None:
+    state = TrackingState(
+        job_id="j-14",
+        tier="default",
+        task_id="t-14",
+        created_at=datetime.now(UTC),
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+        duration=5,
+        resolution="720p",
+        generate_audio=True,
+        tokens=1,
+        stage="store",
+        video_url="https://example.com/v.mp4",
+    )
+    ids.apply("j-14", ENDED)  # the other copy's video copied and its `succeeded` event out
+    outcome = await env.handler.handle_store(state)
+    assert outcome == Finish(state, None)
 
 
 async def test_a_snapshot_stream_not_yet_running_on_this_node_is_read_again_not_fatal(
