@@ -88,10 +88,16 @@ TAKE_HEADER = "x-seedance-take"
 CLAIM_SECONDS = 30.0  # claims this close to the winning one are the same round (replicas starting together)
 READ_BACK_SECONDS = 10.0  # a taken record not read back by then: the delivery fails, and is tried again
 
-# One int per id: flags in the low bits, the minute it was first seen above them, then the take token.
+# One int per id: flags in the low bits, the minute it was first seen above them, then the take token, and
+# above it FREED (a `freed` record): a version before FREED reads only a freed job's take token wrong, and
+# every copy of such a job is one all the same.
 TAKEN, ENDED, CANCELLED = 1, 2, 4
 _FLAGS = 3
 _MINUTE_BITS = 27
+_TAKE_SHIFT = _FLAGS + _MINUTE_BITS
+_TAKE_MASK = (1 << 32) - 1  # new_take() is at most 2**31
+FREED = 1 << (_TAKE_SHIFT + 32)
+_LOW = (1 << _FLAGS) - 1
 
 
 _TOKEN_FIELDS = {"taken": "take", "ended": "end", "freed": "free"}  # a job record's kind: its token's field
@@ -128,7 +134,7 @@ class Known:
 
 
 def _pack(flags: int, minute: int, take: int) -> int:
-    return (take << (_FLAGS + _MINUTE_BITS)) | (minute << _FLAGS) | flags
+    return (flags & FREED) | (take << _TAKE_SHIFT) | (minute << _FLAGS) | (flags & _LOW)
 
 
 def _minute(value: int) -> int:
@@ -143,7 +149,6 @@ class JobIds:
         self._clock = clock
         self._ids: dict[str, int] = {}
         self._reasons: dict[str, str | None] = {}  # cancels only: a few, with their reason text
-        self._freed: set[str] = set()  # ids with a `freed` record (copy stage, cancelled): a few
         self._connection: AbstractRobustConnection | None = None
         self._offset = -1  # the last record applied
         self._snapshot_offset = -1  # the last record the newest snapshot covers
@@ -175,9 +180,9 @@ class JobIds:
             taken=bool(value & TAKEN),
             ended=bool(value & ENDED),
             cancelled=bool(value & CANCELLED),
-            take=value >> (_FLAGS + _MINUTE_BITS),
+            take=(value >> _TAKE_SHIFT) & _TAKE_MASK,
             reason=self._reasons.get(job_id),
-            freed=job_id in self._freed,
+            freed=bool(value & FREED),
         )
 
     def apply(self, job_id: str, flags: int, take: int = 0, reason: str | None = None) -> int:
@@ -189,8 +194,8 @@ class JobIds:
             self._ids[job_id] = _pack(flags, minute, take)
             old = 0
         else:
-            old = before & ((1 << _FLAGS) - 1)
-            kept = before >> (_FLAGS + _MINUTE_BITS)
+            old = before & (FREED | _LOW)
+            kept = (before >> _TAKE_SHIFT) & _TAKE_MASK
             self._ids[job_id] = _pack(old | flags, _minute(before), kept or take)
         if flags & CANCELLED:
             self._reasons[job_id] = reason
@@ -203,7 +208,6 @@ class JobIds:
         for job_id in stale:
             del self._ids[job_id]
             self._reasons.pop(job_id, None)
-            self._freed.discard(job_id)
         return len(stale)
 
     # Life on the broker
@@ -306,10 +310,8 @@ class JobIds:
             before = self.apply(job_id, ENDED | TAKEN)
             self._answer(kind, job_id, token, not before & ENDED)
         else:  # freed
-            first = job_id not in self._freed
-            self.apply(job_id, TAKEN)
-            self._freed.add(job_id)
-            self._answer(kind, job_id, token, first)
+            before = self.apply(job_id, FREED | TAKEN)
+            self._answer(kind, job_id, token, not before & FREED)
 
     def _answer(self, kind: str, key: str, token: int, first: bool) -> None:
         read_back = self._reading_back.get((kind, key, token))
@@ -519,10 +521,7 @@ class JobIds:
             pending = lines.pop()
             for line in lines:
                 job_id, _, value = line.partition(b" ")
-                value, _, freed = value.partition(b" ")
-                ids[key := job_id.decode()] = int(value)
-                if freed == b"f":
-                    self._freed.add(key)
+                ids[job_id.decode()] = int(value)
                 count += 1
             if inflate.eof:
                 break
@@ -549,13 +548,7 @@ class JobIds:
         parts = [deflate.compress(header.encode() + b"\n")]
         ids = list(self._ids.items())
         for start in range(0, len(ids), 10_000):
-            # A freed id's line ends in " f" (a version before `freed` records reads no such snapshot, and
-            # reads the stream from its start instead: slower, never wrong).
-            freed = self._freed
-            lines = "".join(
-                f"{job_id} {value} f\n" if job_id in freed else f"{job_id} {value}\n"
-                for job_id, value in ids[start : start + 10_000]
-            )
+            lines = "".join(f"{job_id} {value}\n" for job_id, value in ids[start : start + 10_000])
             parts.append(deflate.compress(lines.encode()))
         parts.append(deflate.flush())
         body = b"".join(parts)

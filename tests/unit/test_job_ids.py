@@ -221,6 +221,9 @@ async def test_of_two_handlings_of_a_tasks_end_that_is_not_its_jobs_only_the_fir
     assert ids.known("j-12").freed
     assert not ids.known("j-12").ended, "the job goes on (to the copy stage)"
     assert await ids.ended("j-12") is True, "its job's end is recorded apart"
+    ids.apply("j-15", TAKEN, take=2**31)  # the largest take token, right below the freed bit
+    assert await ids.freed("j-15")
+    assert ids.known("j-15") == Known(taken=True, take=2**31, freed=True)
 
 
 async def test_a_second_copy_of_a_tasks_state_is_dropped_once_the_other_left_for_the_copy_stage(
