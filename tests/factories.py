@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.settings import TierSettings
+from worker.tracking import TrackingState
 
 
 def tier_settings(**fields: Any) -> TierSettings:
@@ -23,3 +25,23 @@ def tier_settings(**fields: Any) -> TierSettings:
     }
     values.update(fields)
     return TierSettings(**values)
+
+
+def waiting_for_the_copy(job_id: str, task_id: str, **fields: Any) -> TrackingState:
+    """The tracking state of a task that succeeded, its video waiting for the copy stage (`fields` changed)."""
+    now = datetime.now(UTC)
+    values: dict[str, Any] = {
+        "job_id": job_id,
+        "tier": "default",
+        "task_id": task_id,
+        "created_at": now,
+        "deadline": now + timedelta(hours=1),
+        "duration": 5,
+        "resolution": "720p",
+        "generate_audio": True,
+        "tokens": 1,
+        "stage": "store",
+        "video_url": "https://example.com/v.mp4",
+    }
+    values.update(fields)
+    return TrackingState(**values)

@@ -6,13 +6,13 @@ itself is exercised in tests/integration/test_job_ids.py)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.factories import waiting_for_the_copy
 from tests.unit.test_handler import (
     Env,
     env,  # noqa: F401 - the handler's fixture, used here too
@@ -22,7 +22,6 @@ from tests.unit.test_handler import (
 from worker.handler import Delivery, Duplicate, Finish, JobHandler, Track
 from worker.job_ids import CANCELLED, ENDED, TAKEN, JobIds, Known
 from worker.metrics import Metrics
-from worker.tracking import TrackingState
 
 
 class MemoryIds(JobIds):
@@ -171,19 +170,7 @@ async def test_an_ended_job_is_never_taken_again_even_when_handed_out_again(env:
 
 
 async def test_a_job_cancelled_while_its_video_waits_for_the_copy_ends_without_a_copy(env: Env, ids: MemoryIds) -> None:
-    state = TrackingState(
-        job_id="j-9",
-        tier="default",
-        task_id="t-9",
-        created_at=datetime.now(UTC),
-        deadline=datetime.now(UTC) + timedelta(hours=1),
-        duration=5,
-        resolution="720p",
-        generate_audio=True,
-        tokens=1,
-        stage="store",
-        video_url="https://example.com/v.mp4",
-    )
+    state = waiting_for_the_copy("j-9", "t-9")
     ids.apply("j-9", CANCELLED)
     outcome = await env.handler.handle_store(state)
     assert isinstance(outcome, Finish)
@@ -243,19 +230,7 @@ async def test_a_second_copy_of_a_tasks_state_is_dropped_once_the_other_left_for
 
 
 async def test_a_second_copy_of_a_store_state_is_dropped_once_its_job_ended(env: Env, ids: MemoryIds) -> None:
-    state = TrackingState(
-        job_id="j-14",
-        tier="default",
-        task_id="t-14",
-        created_at=datetime.now(UTC),
-        deadline=datetime.now(UTC) + timedelta(hours=1),
-        duration=5,
-        resolution="720p",
-        generate_audio=True,
-        tokens=1,
-        stage="store",
-        video_url="https://example.com/v.mp4",
-    )
+    state = waiting_for_the_copy("j-14", "t-14")
     ids.apply("j-14", ENDED)  # the other copy's video copied and its `succeeded` event out
     outcome = await env.handler.handle_store(state)
     assert outcome == Finish(state, None)

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from mock_server import Faults, MockConfig, create_app
 from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
+from tests.factories import waiting_for_the_copy
 from worker.access import Access
 from worker.api_client import ApiClient
 from worker.errors import CopyFailed, StoreRefused, VideoGone
@@ -270,19 +271,8 @@ async def test_without_a_store_a_left_copy_ends_succeeded_saying_so(rig: Rig) ->
     api = ApiClient(rig.http, "http://mock", lambda: "k", rig.metrics)
     access = Access("the API", api.check_access, rig.metrics.api_access_ok, stopping, retry_max_seconds=0.01)
     handler = JobHandler(settings, api, {}, access, rig.metrics, stopping)
-    now = datetime.now(UTC)
-    state = TrackingState(
-        job_id="j",
-        tier="flex",
-        task_id="t",
-        created_at=now,
-        deadline=now + timedelta(hours=1),
-        duration=5,
-        resolution="720p",
-        generate_audio=False,
-        tokens=1,
-        stage="store",
-        video_url="http://mock/_mock/videos/t.mp4",
+    state = waiting_for_the_copy(
+        "j", "t", tier="flex", generate_audio=False, video_url="http://mock/_mock/videos/t.mp4"
     )
     outcome = await handler.handle_store(state)
     assert isinstance(outcome, Finish) and outcome.event.status == "succeeded"
