@@ -199,8 +199,10 @@ class RunningWorker:
         return 0.0
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> None:
-    """Wait until `predicate()` (sync or async) is true."""
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, what: str | Callable[[], str] = "condition"
+) -> None:
+    """Wait until `predicate()` (sync or async) is true; `what` (or what it returns) names it on a timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         outcome = predicate()
@@ -209,7 +211,7 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: st
         if outcome:
             return
         await asyncio.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
 
 
 @pytest.fixture
@@ -224,15 +226,23 @@ async def start_worker(vhost: str, mock: Mock) -> AsyncIterator[Callable[..., An
         running.append((task, stopping))
         worker = RunningWorker(settings.metrics_port, stopping.set, task)
 
+        last_answer = "no answer yet"
+
         async def ready() -> bool:
+            nonlocal last_answer
             if task.done():
                 task.result()
             try:
-                return (await worker.readyz()).status_code == 200
-            except httpx.TransportError:
+                response = await worker.readyz()
+            except httpx.TransportError as e:
+                last_answer = repr(e)
                 return False
+            last_answer = response.text
+            return response.status_code == 200
 
-        await wait_for(ready, what="worker ready")
+        # A first worker in a fresh vhost is ready in about 3 s here (it declares some twenty quorum queues
+        # and fills its permit pools); the bound leaves room for a loaded CI machine.
+        await wait_for(ready, timeout=40, what=lambda: f"worker ready (last /readyz: {last_answer})")
         return worker
 
     yield start

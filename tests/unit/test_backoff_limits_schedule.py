@@ -228,6 +228,9 @@ class Pool:
         self.free += 1
         return True
 
+    async def put_many(self, queue: str, count: int) -> int:
+        return sum([await self.put(queue) for _ in range(count)])
+
     async def take(self, queue: str) -> bool:
         if self.failure is not None:
             raise self.failure
