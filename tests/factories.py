@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from worker.limits import PermitsUnreachable
 from worker.settings import TierSettings
 from worker.tracking import TrackingState
 
@@ -45,3 +46,43 @@ def waiting_for_the_copy(job_id: str, task_id: str, **fields: Any) -> TrackingSt
     }
     values.update(fields)
     return TrackingState(**values)
+
+
+class Pool:
+    """The broker side of one slot pool, as worker.limits.Permits offers it: the test decides whether a
+    put goes through, is never sent, or gets no confirm, and whether the connection is up."""
+
+    def __init__(self, free: int, *, new: bool = False, refusing: int = 0) -> None:
+        self.free = free
+        self.new = new  # the pool was not there: declare made it
+        self.refusing = refusing  # puts nacked first, as by a quorum queue still starting
+        self.connected = True
+        self.failure: PermitsUnreachable | None = None
+
+    async def declare(self, name: str, arguments: dict[str, object]) -> bool:
+        return self.new
+
+    async def put(self, queue: str, body: bytes = b"") -> bool:
+        if self.failure is not None:
+            raise self.failure
+        if self.refusing:
+            self.refusing -= 1
+            return False
+        self.free += 1
+        return True
+
+    async def put_many(self, queue: str, count: int) -> int:
+        return sum([await self.put(queue) for _ in range(count)])
+
+    async def take(self, queue: str) -> bool:
+        if self.failure is not None:
+            raise self.failure
+        if not self.free:
+            return False
+        self.free -= 1
+        return True
+
+    async def count(self, queue: str) -> int:
+        if self.failure is not None:
+            raise self.failure
+        return self.free

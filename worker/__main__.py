@@ -117,7 +117,7 @@ async def serve(settings: Settings, stopping: Stopping) -> None:
         if store_access is not None:
             store_access.on_change = intake.wake
         handler = JobHandler(
-            settings, api, limits, api_access, metrics, stopping, store=store, store_access=store_access, ids=ids
+            settings, api, limits, api_access, metrics, store=store, store_access=store_access, ids=ids
         )
         service = Service(settings, handler, intake, limits, metrics, stopping, api_access, store_access, ids)
         await stack.enter_async_context(

@@ -34,10 +34,11 @@ from contracts.messages import DEAD_LETTER_QUEUE, TERMINAL_STATUSES, TIERS
 from worker import topology
 from worker.backoff import backoff_delay
 from worker.errors import InvalidJob
-from worker.handler import Defer, Delivery, Duplicate, Finish, JobHandler, Outcome, Reject, Track
+from worker.handler import Defer, Delivery, Duplicate, Finish, JobHandler, Outcome, Reject, Submit, Track
 from worker.job_ids import TAKE_HEADER, new_take
 from worker.metrics import Metrics
 from worker.publisher import Publishing, Received
+from worker.submitting import Submitter
 from worker.tracking import TrackingState, pick_delay_level
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Consumer:
     def __init__(
         self,
         handler: JobHandler,
+        submitter: Submitter,
         publisher: Publishing,
         metrics: Metrics,
         *,
@@ -82,6 +84,7 @@ class Consumer:
         self._freed = freed
         self._slot_freed = slot_freed
         self._handler = handler
+        self._submitter = submitter
         self._publisher = publisher
         self._metrics = metrics
         self._delivery_limit = delivery_limit
@@ -145,7 +148,9 @@ class Consumer:
             self._metrics.jobs_received.labels(tier).inc()
             delivery = _delivery(message, tier)
             try:
-                outcome = await self._handler.handle_job(delivery)
+                outcome = self._handler.handle_job(delivery)
+                if isinstance(outcome, Submit):
+                    outcome = await self._submitter.submit(outcome)
                 await self._carry_out(outcome, message, tier)
             except Exception as exc:
                 await self._failed("job", tier, message, exc, None, delivery.take)

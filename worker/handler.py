@@ -1,7 +1,8 @@
 """The job logic, free of the broker: what to do with a job message and with a tracking state.
 
 Each call returns a complete outcome for the consumer to carry out (publish, confirm, then ack); the
-consumer never calls back in:
+consumer never calls back in, except for a job that goes to the API (`Submit`): worker.submitting takes
+its permits and records it taken, the broker's part, and the handler's `attempt` sends it:
 
 - `Track`: publish this tracking state to come back after `delay` seconds (and these events);
 - `Finish`: publish this terminal event (none when the job's terminal event went out already: a cancelled
@@ -54,7 +55,6 @@ from worker.job_ids import Known
 from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.stopping import Stopping
 from worker.storage import VideoStore
 from worker.tracking import PollSchedule, TrackingState, capped
 
@@ -117,11 +117,31 @@ class Reject:
 Outcome = Track | Finish | Defer | Reject | Duplicate
 
 
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """A job to send to the API: worker.submitting takes its permits, records it taken (unless
+    `recorded`), and asks `JobHandler.attempt` to send it, again after each `Wait`."""
+
+    job: JobMessage
+    state: TrackingState
+    take: int
+    recorded: bool  # its `taken` record is in the stream already (the job's own message put back)
+    held: float = 0.0  # seconds this delivery has been held waiting so far
+    failures: int = 0  # transient submit failures so far
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Try `submit` again in `seconds` (a back-off, a limit found full)."""
+
+    submit: Submit
+    seconds: float
+
+
 class Remembered(Protocol):
-    """The job ids all replicas remember (worker.job_ids.JobIds)."""
+    """The job ids all replicas remember (worker.job_ids.JobIds), as far as the handler reads them."""
 
     def known(self, job_id: str) -> Known: ...
-    async def taken(self, job_id: str, take: int) -> bool: ...
 
 
 def utcnow() -> datetime:
@@ -136,7 +156,6 @@ class JobHandler:
         limits: Mapping[ServiceTier, TierLimits],
         api_access: Access,
         metrics: Metrics,
-        stopping: Stopping,
         *,
         store: VideoStore | None = None,
         store_access: Access | None = None,
@@ -155,7 +174,6 @@ class JobHandler:
         self._store_access = store_access
         self._ids = ids
         self._metrics = metrics
-        self._stopping = stopping
         self._schedule = PollSchedule(settings)
         self._clock = clock
         self._released: set[ServiceTier] = set()
@@ -204,7 +222,9 @@ class JobHandler:
         )
         return job, state
 
-    async def handle_job(self, delivery: Delivery) -> Outcome:
+    def handle_job(self, delivery: Delivery) -> Outcome | Submit:
+        """What to do with a job message; `Submit` when it goes to the API (worker.submitting takes its
+        permits and records it, then `attempt` sends it)."""
         try:
             job, state = self.read(delivery)
         except InvalidJob as exc:
@@ -226,7 +246,7 @@ class JobHandler:
             self._metrics.possible_duplicates.labels(state.tier, "redelivered").inc()
         # Taken before and no copy: its own message put back, or handed out again after its holder died
         # (then submitted again: the documented double-submission window). No second record either way.
-        return await self._submit(job, state, delivery.take, recorded=known.taken)
+        return Submit(job, state, delivery.take, recorded=known.taken)
 
     def _known(self, job_id: str) -> Known:
         return self._ids.known(job_id) if self._ids is not None else Known()
@@ -236,83 +256,81 @@ class JobHandler:
         message = why if code == "CANCELLED" else f"{why} (after submission: the task may still be billed)"
         return Finish(state, events.event(state, "cancelled", self._clock(), error=events.error(code, message)))
 
-    async def _submit(self, job: JobMessage, state: TrackingState, take: int, *, recorded: bool) -> Outcome:
+    def check(self, submit: Submit) -> Outcome | None:
+        """Before each attempt: the outcome when the job must not be submitted now (its deadline passed,
+        its tier paused, cancelled while it waited for a limit), else None."""
+        state = submit.state
+        if self._clock() >= state.deadline:
+            return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
+        if state.tier in self._released:
+            return self._defer(submit, "its tier paused")
+        known = self._known(state.job_id)
+        if known.cancelled:
+            return self._cancelled(state, known, "CANCELLED")
+        return None
+
+    async def attempt(self, submit: Submit) -> Track | Finish | Defer | Wait:
+        """Send the job to the API once, its permits held and its `taken` record written (worker.submitting):
+        its first tracking state when accepted, else what to do (try again after a wait, or an outcome)."""
         settings = self._settings
-        limits = self._limits[state.tier]
-        held = 0.0
-        failures = 0
-        while True:
-            now = self._clock()
-            if now >= state.deadline:
-                return self._finish(state, "expired", "DEADLINE_EXCEEDED", "deadline passed before submission")
-            if state.tier in self._released:
-                return Defer("its tier paused", state.created_at, state.attempts, take)
-            known = self._known(job.job_id)
-            if known.cancelled:  # while it waited here for a limit
-                return self._cancelled(state, known, "CANCELLED")
-            wait = 0.0
-            try:
-                async with limits.slot(state.tokens) as slot:
-                    window = min(EXPIRES_MAX, max(EXPIRES_MIN, math.ceil((state.deadline - now).total_seconds())))
-                    request = job.request.model_copy(update={"execution_expires_after": window})
-                    if not recorded and self._ids is not None:
-                        # Every replica learns of this job before the API does: a copy is no new job.
-                        if not await self._ids.taken(job.job_id, take):
-                            return Duplicate(job.job_id, state.tier)  # another copy's record came first
-                        recorded = True
-                    state = state.model_copy(update={"attempts": state.attempts + 1})
-                    task_id = await self._api.submit(request)
-                    slot.keep()
-                return self._submitted(state, task_id)
-            except LimitReached as full:
-                if held + full.wait > settings.max_hold_seconds or state.tier in self._released:
-                    return Defer(f"{full.limit} limit reached", state.created_at, state.attempts, take)
-                wait = min(full.wait, settings.in_flight_refresh_seconds)
-            except RateLimited as exc:
-                self._metrics.api_retries.labels("submit", "429").inc()
-                limits.block_for(
-                    exc.retry_after
-                    or backoff_delay(1, base=settings.retry_base_seconds, cap=settings.retry_max_seconds),
-                    "the API's 429",
+        now = self._clock()
+        state = submit.state
+        window = min(EXPIRES_MAX, max(EXPIRES_MIN, math.ceil((state.deadline - now).total_seconds())))
+        request = submit.job.request.model_copy(update={"execution_expires_after": window})
+        state = state.model_copy(update={"attempts": state.attempts + 1})
+        submit = replace(submit, state=state)
+        try:
+            task_id = await self._api.submit(request)
+        except RateLimited as exc:
+            self._metrics.api_retries.labels("submit", "429").inc()
+            self._limits[state.tier].block_for(
+                exc.retry_after or backoff_delay(1, base=settings.retry_base_seconds, cap=settings.retry_max_seconds),
+                "the API's 429",
+            )
+            return Wait(submit, 0.0)  # the block holds the next attempt back
+        except TransientApiError as exc:
+            return self._after_transient(submit, exc, now)
+        except ConfigurationFault as exc:
+            self._api_access.refused(exc.summary)
+            return self._defer(submit, "the API refuses this worker's access")
+        except PermanentApiError as exc:
+            return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
+        return self._submitted(state, task_id)
+
+    def _after_transient(self, submit: Submit, exc: TransientApiError, now: datetime) -> Finish | Defer | Wait:
+        settings = self._settings
+        state = submit.state
+        if isinstance(exc, AnswerLost):
+            self._metrics.possible_duplicates.labels(state.tier, "answer_lost").inc()
+            if settings.ambiguous_submit == "fail":
+                return self._finish(
+                    state,
+                    "failed",
+                    "SUBMIT_AMBIGUOUS",
+                    f"the submit's answer was lost, the task may exist; not sent again: {exc}",
                 )
-                continue
-            except TransientApiError as exc:
-                if isinstance(exc, AnswerLost):
-                    self._metrics.possible_duplicates.labels(state.tier, "answer_lost").inc()
-                    if settings.ambiguous_submit == "fail":
-                        return self._finish(
-                            state,
-                            "failed",
-                            "SUBMIT_AMBIGUOUS",
-                            f"the submit's answer was lost, the task may exist; not sent again: {exc}",
-                        )
-                failures += 1
-                if failures >= settings.submit_max_attempts:
-                    return self._finish(state, "failed", "RETRIES_EXHAUSTED", f"{failures} attempts failed: {exc}")
-                wait = backoff_delay(
-                    failures,
-                    base=settings.retry_base_seconds,
-                    cap=settings.retry_max_seconds,
-                    retry_after=exc.retry_after,
-                )
-                if now + timedelta(seconds=wait) >= state.deadline:
-                    return self._finish(
-                        state, "expired", "DEADLINE_EXCEEDED", f"no retry fits before the deadline: {exc}"
-                    )
-                if held + wait > settings.max_hold_seconds:
-                    return Defer("back-off longer than the hold limit", state.created_at, state.attempts, take)
-                self._metrics.api_retries.labels("submit", exc.label).inc()
-                log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
-            except ConfigurationFault as exc:
-                self._api_access.refused(exc.summary)
-                return Defer("the API refuses this worker's access", state.created_at, state.attempts, take)
-            except PermanentApiError as exc:
-                return self._finish(state, "failed", exc.reason or f"HTTP_{exc.status}", exc.message)
-            if not await self._stopping.sleep(wait):
-                return Defer("worker stopping", state.created_at, state.attempts, take)
-            if state.tier in self._released:
-                return Defer("its tier paused", state.created_at, state.attempts, take)
-            held += wait
+        failures = submit.failures + 1
+        if failures >= settings.submit_max_attempts:
+            return self._finish(state, "failed", "RETRIES_EXHAUSTED", f"{failures} attempts failed: {exc}")
+        wait = backoff_delay(
+            failures, base=settings.retry_base_seconds, cap=settings.retry_max_seconds, retry_after=exc.retry_after
+        )
+        if now + timedelta(seconds=wait) >= state.deadline:
+            return self._finish(state, "expired", "DEADLINE_EXCEEDED", f"no retry fits before the deadline: {exc}")
+        if submit.held + wait > settings.max_hold_seconds:
+            return self._defer(submit, "back-off longer than the hold limit")
+        self._metrics.api_retries.labels("submit", exc.label).inc()
+        log.warning("submit failed, retrying in %.1f s: %s", wait, exc, extra={"job_id": state.job_id})
+        return Wait(replace(submit, failures=failures), wait)
+
+    def limit_reached(self, submit: Submit, full: LimitReached) -> Defer | Wait:
+        """A limit of the account had no permit for this job: hold it a while, or put it back."""
+        if submit.held + full.wait > self._settings.max_hold_seconds or submit.state.tier in self._released:
+            return self._defer(submit, f"{full.limit} limit reached")
+        return Wait(submit, min(full.wait, self._settings.in_flight_refresh_seconds))
+
+    def _defer(self, submit: Submit, reason: str) -> Defer:
+        return Defer(reason, submit.state.created_at, submit.state.attempts, submit.take)
 
     def _submitted(self, state: TrackingState, task_id: str) -> Track:
         """The API accepted the task: its first tracking state, the `submitted` event, the first poll time."""
@@ -544,4 +562,16 @@ def _readable_job_id(body: bytes) -> str | None:
     return job_id if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id) else None
 
 
-__all__ = ["Defer", "Delivery", "Duplicate", "Finish", "JobHandler", "Outcome", "Reject", "Remembered", "Track"]
+__all__ = [
+    "Defer",
+    "Delivery",
+    "Duplicate",
+    "Finish",
+    "JobHandler",
+    "Outcome",
+    "Reject",
+    "Remembered",
+    "Submit",
+    "Track",
+    "Wait",
+]

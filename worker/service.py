@@ -30,6 +30,7 @@ from worker.metrics import Metrics
 from worker.publisher import Publisher
 from worker.settings import Settings
 from worker.stopping import Stopping
+from worker.submitting import Submitter
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,10 @@ class Service:
             claim = self._ids.claim if self._ids is not None else None
             for limits in self._limits.values():
                 await limits.attach(permits, claim)
+            taken = self._ids.taken if self._ids is not None else None
             consumer = Consumer(
                 self._handler,
+                Submitter(self._handler, self._limits, self._stopping.sleep, taken=taken),
                 publisher,
                 self._metrics,
                 delivery_limit=self._settings.delivery_limit,

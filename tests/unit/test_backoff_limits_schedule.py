@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from contracts.api import TaskResult
-from tests.factories import tier_settings
+from tests.factories import Pool, tier_settings
 from worker.backoff import backoff_delay
 from worker.errors import LimitReached
 from worker.limits import NotSent, PermitsUnreachable, TierLimits, token_unit
@@ -203,46 +203,6 @@ def test_an_empty_key_variable_means_no_key(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("SEEDANCE_API_KEY", "")
     monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key))
     assert Settings().read_api_key() == "from-file"
-
-
-class Pool:
-    """The broker side of one slot pool, as worker.limits.Permits offers it: the test decides whether a
-    put goes through, is never sent, or gets no confirm, and whether the connection is up."""
-
-    def __init__(self, free: int, *, new: bool = False, refusing: int = 0) -> None:
-        self.free = free
-        self.new = new  # the pool was not there: declare made it
-        self.refusing = refusing  # puts nacked first, as by a quorum queue still starting
-        self.connected = True
-        self.failure: PermitsUnreachable | None = None
-
-    async def declare(self, name: str, arguments: dict[str, object]) -> bool:
-        return self.new
-
-    async def put(self, queue: str, body: bytes = b"") -> bool:
-        if self.failure is not None:
-            raise self.failure
-        if self.refusing:
-            self.refusing -= 1
-            return False
-        self.free += 1
-        return True
-
-    async def put_many(self, queue: str, count: int) -> int:
-        return sum([await self.put(queue) for _ in range(count)])
-
-    async def take(self, queue: str) -> bool:
-        if self.failure is not None:
-            raise self.failure
-        if not self.free:
-            return False
-        self.free -= 1
-        return True
-
-    async def count(self, queue: str) -> int:
-        if self.failure is not None:
-            raise self.failure
-        return self.free
 
 
 async def test_a_new_pool_that_refuses_its_first_permits_while_starting_is_still_filled_in_full() -> None:

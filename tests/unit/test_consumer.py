@@ -22,6 +22,7 @@ from worker.errors import InvalidJob
 from worker.handler import Defer, Delivery, Finish, Outcome, Reject, Track
 from worker.job_ids import TAKE_HEADER
 from worker.metrics import Metrics
+from worker.submitting import Submitter
 from worker.tracking import TrackingState
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -105,7 +106,7 @@ class Handler:
         self.deliveries: list[Delivery] = []
         self.states: list[TrackingState] = []
 
-    async def handle_job(self, delivery: Delivery) -> Outcome:
+    def handle_job(self, delivery: Delivery) -> Outcome:
         self.deliveries.append(delivery)
         return self._answer()
 
@@ -153,6 +154,7 @@ def rig() -> Rig:
 
     consumer = Consumer(
         handler,  # type: ignore[arg-type]
+        Submitter(handler, {}, pause),  # type: ignore[arg-type] - never used: no outcome here is a Submit
         publisher,
         metrics,
         delivery_limit=LIMIT,

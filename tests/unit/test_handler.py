@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,11 +18,12 @@ from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
 from worker.access import Access
 from worker.api_client import ApiClient
-from worker.handler import Defer, Delivery, Finish, JobHandler, Reject, Track
+from worker.handler import Defer, Delivery, Finish, JobHandler, Outcome, Reject, Submit, Track
 from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
+from worker.submitting import Submitter
 from worker.tracking import TrackingState
 
 IMAGE = "https://example.com/boat.png"
@@ -41,12 +42,24 @@ class Env:
         limits: dict[ServiceTier, TierLimits],
         access: Access,
         metrics: Metrics,
+        stopping: Stopping,
     ) -> None:
         self.app = app
         self.handler = handler
         self.limits = limits
         self.access = access
         self.metrics = metrics
+        self.stopping = stopping
+        self.taken: Callable[[str, int], Awaitable[bool]] | None = None
+
+    async def handle_job(self, delivery: Delivery) -> Outcome:
+        """A job message through the handler and, when it goes to the API, through the submit loop, as
+        the consumer takes it."""
+        outcome = self.handler.handle_job(delivery)
+        if isinstance(outcome, Submit):
+            submitter = Submitter(self.handler, self.limits, self.stopping.sleep, taken=self.taken)
+            outcome = await submitter.submit(outcome)
+        return outcome
 
     def faults(self, **faults: object) -> None:
         self.app.state.set_faults(Faults.model_validate(faults))
@@ -72,8 +85,8 @@ async def env() -> AsyncIterator[Env]:
     client = httpx.AsyncClient(transport=InProcessTransport(app), timeout=2.0)
     api = ApiClient(client, "http://mock", lambda: "k", metrics, total_seconds=4.0)
     access = Access("the API", api.check_access, metrics.api_access_ok, stopping, retry_max_seconds=0.01)
-    handler = JobHandler(settings, api, limits, access, metrics, stopping)
-    yield Env(app, handler, limits, access, metrics)
+    handler = JobHandler(settings, api, limits, access, metrics)
+    yield Env(app, handler, limits, access, metrics, stopping)
     stopping.set()
     await access.close()
 
@@ -89,7 +102,7 @@ async def until_finished(env: Env, outcome: Track | Finish | Defer | Reject) -> 
 
 
 async def test_a_valid_job_is_submitted_with_a_submitted_event(env: Env) -> None:
-    outcome = await env.handler.handle_job(Delivery(job(metadata={"k": "v"}), "default", reply_to="r"))
+    outcome = await env.handle_job(Delivery(job(metadata={"k": "v"}), "default", reply_to="r"))
     assert isinstance(outcome, Track)
     (event,) = outcome.events
     assert event.status == "submitted"
@@ -101,7 +114,7 @@ async def test_a_valid_job_is_submitted_with_a_submitted_event(env: Env) -> None
 
 
 async def test_a_job_runs_to_success_with_the_url_and_its_expiry(env: Env) -> None:
-    final = await until_finished(env, await env.handler.handle_job(Delivery(job(), "default")))
+    final = await until_finished(env, await env.handle_job(Delivery(job(), "default")))
     event = final.event
     assert event.status == "succeeded"
     assert event.video_url and event.video_url.endswith(".mp4")
@@ -115,14 +128,14 @@ async def test_a_job_runs_to_success_with_the_url_and_its_expiry(env: Env) -> No
 async def test_the_api_is_sent_the_remaining_window(env: Env) -> None:
     created = datetime.now(UTC) - timedelta(hours=10)
     body = job(created_at=created.isoformat(), request={"execution_expires_after": 86400})
-    await env.handler.handle_job(Delivery(body, "default"))
+    await env.handle_job(Delivery(body, "default"))
     (task,) = env.app.state.tasks.values()
     assert 14 * 3600 - 5 <= task.request.execution_expires_after <= 14 * 3600
 
 
 async def test_the_window_sent_is_never_below_the_apis_minimum(env: Env) -> None:
     created = datetime.now(UTC) - timedelta(seconds=3500)
-    await env.handler.handle_job(
+    await env.handle_job(
         Delivery(job(created_at=created.isoformat(), request={"execution_expires_after": 3600}), "default")
     )
     (task,) = env.app.state.tasks.values()
@@ -131,7 +144,7 @@ async def test_the_window_sent_is_never_below_the_apis_minimum(env: Env) -> None
 
 async def test_a_job_past_its_deadline_is_expired_without_calling_the_api(env: Env) -> None:
     created = datetime.now(UTC) - timedelta(seconds=3601)
-    outcome = await env.handler.handle_job(
+    outcome = await env.handle_job(
         Delivery(job(created_at=created.isoformat(), request={"execution_expires_after": 3600}), "default")
     )
     assert isinstance(outcome, Finish)
@@ -143,13 +156,13 @@ async def test_a_job_past_its_deadline_is_expired_without_calling_the_api(env: E
 
 async def test_the_amqp_timestamp_stands_in_for_a_missing_created_at(env: Env) -> None:
     stamp = datetime.now(UTC) - timedelta(days=3)
-    outcome = await env.handler.handle_job(Delivery(job(), "default", timestamp=stamp))
+    outcome = await env.handle_job(Delivery(job(), "default", timestamp=stamp))
     assert isinstance(outcome, Finish) and outcome.event.status == "expired"
     assert outcome.event.created_at == stamp
 
 
 async def test_the_request_tier_wins_over_the_queue(env: Env) -> None:
-    outcome = await env.handler.handle_job(Delivery(job(request={"service_tier": "flex"}), "default"))
+    outcome = await env.handle_job(Delivery(job(request={"service_tier": "flex"}), "default"))
     assert isinstance(outcome, Track) and outcome.state.tier == "flex"
     assert next(iter(env.app.state.tasks.values())).tier == "flex"
 
@@ -167,7 +180,7 @@ async def test_the_request_tier_wins_over_the_queue(env: Env) -> None:
 async def test_invalid_messages_are_refused_with_a_reason(
     env: Env, body: bytes, reason: str, job_id: str | None
 ) -> None:
-    outcome = await env.handler.handle_job(Delivery(body, "default"))
+    outcome = await env.handle_job(Delivery(body, "default"))
     assert isinstance(outcome, Reject)
     assert outcome.error.reason == reason
     assert outcome.error.job_id == job_id
@@ -179,14 +192,14 @@ async def test_an_oversize_message_is_refused_before_parsing(env: Env) -> None:
     assert env.handler.max_message_bytes == 128 * 1024 * 1024, "3.x's default until the broker is known"
     env.handler.max_message_bytes = 16 * 1024 * 1024  # as the service sets it, connected to a 4.x
     big = job(metadata={"pad": "x" * 100}) + b" " * (16 * 1024 * 1024)
-    outcome = await env.handler.handle_job(Delivery(big, "default"))
+    outcome = await env.handle_job(Delivery(big, "default"))
     assert isinstance(outcome, Reject)
     assert (outcome.error.reason, outcome.error.job_id) == ("oversize", "job-1")
 
 
 async def test_transient_faults_are_retried_until_the_submit_goes_through(env: Env) -> None:
     env.faults(status_rates={"503": 0.5, "500": 0.3}, reset_rate=0.2, retry_after=None)
-    outcomes = [await env.handler.handle_job(Delivery(job(job_id=f"j{i}"), "default")) for i in range(5)]
+    outcomes = [await env.handle_job(Delivery(job(job_id=f"j{i}"), "default")) for i in range(5)]
     assert all(isinstance(o, Track) for o in outcomes)
     statuses = [r.status for r in env.submits()]
     assert statuses.count(200) == 5
@@ -196,7 +209,7 @@ async def test_transient_faults_are_retried_until_the_submit_goes_through(env: E
 
 async def test_retries_stop_after_the_configured_attempts(env: Env) -> None:
     env.faults(status_rates={"503": 1.0})
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Finish) and outcome.event.status == "failed"
     assert outcome.event.error is not None and outcome.event.error.code == "RETRIES_EXHAUSTED"
     assert len(env.submits()) == Settings().submit_max_attempts
@@ -204,7 +217,7 @@ async def test_retries_stop_after_the_configured_attempts(env: Env) -> None:
 
 async def test_a_429_blocks_the_tier_for_its_retry_after_and_defers_when_long(env: Env) -> None:
     env.faults(status_rates={"429": 1.0}, retry_after=30)
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Defer)
     assert len(env.submits()) == 1
     assert env.limits["default"].wait_time() > 25
@@ -213,7 +226,7 @@ async def test_a_429_blocks_the_tier_for_its_retry_after_and_defers_when_long(en
 
 async def test_a_400_fails_the_job_with_the_apis_message(env: Env) -> None:
     env.faults(status_rates={"400": 1.0})
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Finish) and outcome.event.status == "failed"
     assert outcome.event.error is not None
     assert outcome.event.error.code == "INVALID_REQUEST_BODY"
@@ -222,7 +235,7 @@ async def test_a_400_fails_the_job_with_the_apis_message(env: Env) -> None:
 
 async def test_an_auth_fault_fails_no_job_and_closes_access(env: Env) -> None:
     env.faults(auth={"status": 401, "reason": "FAILED_TO_AUTH", "message": "no"})
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Defer), "the job goes back to its queue, not failed"
     assert env.access.ok is False
     env.faults()
@@ -235,21 +248,21 @@ async def test_an_auth_fault_fails_no_job_and_closes_access(env: Env) -> None:
 
 async def test_a_full_tier_defers_the_job_after_the_hold_limit(env: Env) -> None:
     env.limits["default"].block_for(5, "running slots")  # longer than the 2 s the job may be held
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Defer) and outcome.reason == "running slots limit reached"
     assert env.submits() == []
 
 
 async def test_a_tier_full_for_less_than_the_hold_limit_holds_the_job_then_submits(env: Env) -> None:
     env.limits["default"].block_for(0.3, "running slots")
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Track)
     assert len(env.submits()) == 1
 
 
 async def test_a_failed_task_fails_the_job_with_the_apis_reason(env: Env) -> None:
     env.faults(outcomes=[{"outcome": "fail", "count": 1, "reason": "content moderation"}])
-    final = await until_finished(env, await env.handler.handle_job(Delivery(job(), "default")))
+    final = await until_finished(env, await env.handle_job(Delivery(job(), "default")))
     assert final.event.status == "failed"
     assert final.event.error is not None
     assert (final.event.error.code, final.event.error.message) == ("TASK_FAILED", "content moderation")
@@ -257,7 +270,7 @@ async def test_a_failed_task_fails_the_job_with_the_apis_reason(env: Env) -> Non
 
 async def test_a_task_the_api_expired_ends_expired(env: Env) -> None:
     env.faults(outcomes=[{"outcome": "fail", "count": 1, "reason": "Task Expired by the platform"}])
-    final = await until_finished(env, await env.handler.handle_job(Delivery(job(), "default")))
+    final = await until_finished(env, await env.handle_job(Delivery(job(), "default")))
     assert final.event.status == "expired"
     assert final.event.error is not None and final.event.error.code == "TASK_EXPIRED"
 
@@ -266,7 +279,7 @@ async def test_a_task_unfinished_at_the_deadline_ends_expired_though_the_api_say
     env.app.state.config = MockConfig(api_key="k", time_scale=1.0)  # the API's own window stays an hour
     env.faults(outcomes=[{"outcome": "hang", "count": 1}])
     created = datetime.now(UTC) - timedelta(seconds=3600) + timedelta(seconds=0.5)
-    outcome = await env.handler.handle_job(
+    outcome = await env.handle_job(
         Delivery(job(created_at=created.isoformat(), request={"execution_expires_after": 3600}), "default")
     )
     final = await until_finished(env, outcome)
@@ -278,7 +291,7 @@ async def test_a_task_unfinished_at_the_deadline_ends_expired_though_the_api_say
 
 async def test_progress_events_follow_changes(env: Env) -> None:
     env.app.state.config = MockConfig(api_key="k", time_scale=0.001, queue_seconds={"default": 0, "flex": 0}, jitter=0)
-    outcome = await env.handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     progress: list[int] = []
     while isinstance(outcome, Track):
         progress += [e.progress_percent or 0 for e in outcome.events if e.status == "progress"]
@@ -315,7 +328,7 @@ async def test_a_lost_submit_answer_is_retried_and_counted_as_a_possible_duplica
 ) -> None:
     env.faults(endpoints=["submit"], **fault)
     env.app.state.set_faults(env.app.state.faults.model_copy(update={"outcomes": []}))
-    outcome_task = asyncio.create_task(env.handler.handle_job(Delivery(job(), "default")))
+    outcome_task = asyncio.create_task(env.handle_job(Delivery(job(), "default")))
     for _ in range(500):  # the first answer is lost; then the fault is lifted and the retry goes through
         if env.submits():
             break
@@ -337,7 +350,7 @@ async def test_a_lost_submit_answer_fails_the_job_when_told_not_to_risk_paying_t
     handler = env.handler
     handler._settings = handler._settings.model_copy(update={"ambiguous_submit": "fail"})
     env.faults(endpoints=["submit"], malformed_rate=1.0)
-    outcome = await handler.handle_job(Delivery(job(), "default"))
+    outcome = await env.handle_job(Delivery(job(), "default"))
     assert isinstance(outcome, Finish) and outcome.event.status == "failed"
     assert outcome.event.error is not None and outcome.event.error.code == "SUBMIT_AMBIGUOUS"
     assert len(env.submits()) == 1, "not sent again"
@@ -345,7 +358,7 @@ async def test_a_lost_submit_answer_fails_the_job_when_told_not_to_risk_paying_t
 
 
 async def test_a_redelivered_job_counts_as_a_possible_duplicate(env: Env) -> None:
-    await env.handler.handle_job(Delivery(job(), "flex", redelivered=True))
+    await env.handle_job(Delivery(job(), "flex", redelivered=True))
     value = env.metrics.registry.get_sample_value(
         "seedance_submits_possibly_duplicated_total", {"tier": "default", "cause": "redelivered"}
     )
@@ -363,7 +376,7 @@ async def test_a_redelivered_job_counts_as_a_possible_duplicate(env: Env) -> Non
     ],
 )
 async def test_loose_types_are_rejected_not_coerced(env: Env, fields: dict[str, Any], words: str) -> None:
-    outcome = await env.handler.handle_job(Delivery(job(**fields), "default"))
+    outcome = await env.handle_job(Delivery(job(**fields), "default"))
     assert isinstance(outcome, Reject)
     assert outcome.error.reason == "schema"
     assert words in outcome.error.message
@@ -372,5 +385,5 @@ async def test_loose_types_are_rejected_not_coerced(env: Env, fields: dict[str, 
 
 async def test_any_failure_to_read_a_message_is_a_rejection_not_a_crash(env: Env) -> None:
     deep = b'{"job_id": "x", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    outcome = await env.handler.handle_job(Delivery(deep, "default"))
+    outcome = await env.handle_job(Delivery(deep, "default"))
     assert isinstance(outcome, Reject) and outcome.error.reason == "invalid_json"

@@ -46,7 +46,8 @@ class MemoryIds(JobIds):
 def ids(env: Env) -> MemoryIds:
     remembered = MemoryIds(env)
     h = env.handler
-    env.handler = JobHandler(h._settings, h._api, h._limits, h._api_access, env.metrics, h._stopping, ids=remembered)
+    env.handler = JobHandler(h._settings, h._api, h._limits, h._api_access, env.metrics, ids=remembered)
+    env.taken = remembered.taken
     return remembered
 
 
@@ -84,22 +85,22 @@ def test_facts_accumulate_and_old_ids_are_forgotten() -> None:
 
 
 async def test_the_taken_record_is_written_before_the_api_sees_the_submit(env: Env, ids: MemoryIds) -> None:
-    outcome = await env.handler.handle_job(Delivery(job(job_id="j-1"), "default", take=42))
+    outcome = await env.handle_job(Delivery(job(job_id="j-1"), "default", take=42))
     assert isinstance(outcome, Track)
     assert ids.records == [({"job_id": "j-1", "record": "taken", "take": 42}, 0)]
     assert len(env.submits()) == 1
 
 
 async def test_a_copy_is_acknowledged_without_a_submission(env: Env, ids: MemoryIds) -> None:
-    await env.handler.handle_job(Delivery(job(job_id="j-2"), "default", take=1))
-    copy = await env.handler.handle_job(Delivery(job(job_id="j-2"), "default", take=2))
+    await env.handle_job(Delivery(job(job_id="j-2"), "default", take=1))
+    copy = await env.handle_job(Delivery(job(job_id="j-2"), "default", take=2))
     assert copy == Duplicate("j-2", "default")
     assert len(env.submits()) == 1
 
 
 async def test_of_two_copies_taken_at_once_the_one_whose_record_comes_first_goes_on(env: Env, ids: MemoryIds) -> None:
     ids.earlier["j-7"] = 99  # unknown when this copy arrives; its record is read first all the same
-    outcome = await env.handler.handle_job(Delivery(job(job_id="j-7"), "default", take=1))
+    outcome = await env.handle_job(Delivery(job(job_id="j-7"), "default", take=1))
     assert outcome == Duplicate("j-7", "default")
     assert env.submits() == []
     assert ids.known("j-7").take == 99
@@ -107,7 +108,7 @@ async def test_of_two_copies_taken_at_once_the_one_whose_record_comes_first_goes
 
 async def test_its_own_message_put_back_is_submitted_without_a_second_record(env: Env, ids: MemoryIds) -> None:
     ids.apply("j-3", TAKEN, take=11)  # taken by this worker, then put back (a back-off, a limit)
-    outcome = await env.handler.handle_job(Delivery(job(job_id="j-3"), "default", take=11, take_header=11))
+    outcome = await env.handle_job(Delivery(job(job_id="j-3"), "default", take=11, take_header=11))
     assert isinstance(outcome, Track)
     assert ids.records == []
     assert len(env.submits()) == 1
@@ -115,7 +116,7 @@ async def test_its_own_message_put_back_is_submitted_without_a_second_record(env
 
 async def test_a_job_handed_out_again_after_its_holder_died_goes_on(env: Env, ids: MemoryIds) -> None:
     ids.apply("j-8", TAKEN, take=12)  # the dead holder's record; its message comes back without a token
-    outcome = await env.handler.handle_job(Delivery(job(job_id="j-8"), "default", redelivered=True, take=13))
+    outcome = await env.handle_job(Delivery(job(job_id="j-8"), "default", redelivered=True, take=13))
     assert isinstance(outcome, Track)
     assert ids.records == []
     assert len(env.submits()) == 1
@@ -123,7 +124,7 @@ async def test_a_job_handed_out_again_after_its_holder_died_goes_on(env: Env, id
 
 async def test_a_job_cancelled_before_it_came_ends_cancelled_at_no_cost(env: Env, ids: MemoryIds) -> None:
     ids.apply("j-4", CANCELLED, reason="withdrawn")
-    outcome = await env.handler.handle_job(Delivery(job(job_id="j-4"), "default", take=3))
+    outcome = await env.handle_job(Delivery(job(job_id="j-4"), "default", take=3))
     assert isinstance(outcome, Finish)
     assert outcome.event is not None
     assert outcome.event.status == "cancelled"
@@ -137,7 +138,7 @@ async def test_a_job_cancelled_after_submission_ends_at_once_and_its_task_is_fol
     env: Env, ids: MemoryIds
 ) -> None:
     env.app.state.config.render_seconds["default"] = 600.0  # long enough to poll it a few times
-    submitted = await env.handler.handle_job(Delivery(job(job_id="j-5"), "default", take=4))
+    submitted = await env.handle_job(Delivery(job(job_id="j-5"), "default", take=4))
     assert isinstance(submitted, Track)
     ids.apply("j-5", CANCELLED)
     cancelled = await env.handler.handle_tracking(submitted.state)
@@ -162,10 +163,10 @@ async def test_a_job_cancelled_after_submission_ends_at_once_and_its_task_is_fol
 
 
 async def test_an_ended_job_is_never_taken_again_even_when_handed_out_again(env: Env, ids: MemoryIds) -> None:
-    final = await until_finished(env, await env.handler.handle_job(Delivery(job(job_id="j-6"), "default", take=5)))
+    final = await until_finished(env, await env.handle_job(Delivery(job(job_id="j-6"), "default", take=5)))
     assert final.event is not None and final.event.status == "succeeded"
     ids.apply("j-6", ENDED)  # what the consumer records with the terminal event
-    again = await env.handler.handle_job(Delivery(job(job_id="j-6"), "default", redelivered=True, take=6))
+    again = await env.handle_job(Delivery(job(job_id="j-6"), "default", redelivered=True, take=6))
     assert again == Duplicate("j-6", "default")
 
 
@@ -186,7 +187,7 @@ async def test_a_job_cancelled_while_its_video_waits_for_the_copy_ends_without_a
 async def test_a_second_copy_of_a_tasks_state_is_dropped_once_its_job_ended(env: Env, ids: MemoryIds) -> None:
     """A tracking state whose ack was lost comes back beside the state that replaced it: once either copy
     has seen the task end, the other is neither polled nor published nor frees the task's slot."""
-    submitted = await env.handler.handle_job(Delivery(job(job_id="j-10"), "default", take=7))
+    submitted = await env.handle_job(Delivery(job(job_id="j-10"), "default", take=7))
     assert isinstance(submitted, Track)
     polls = len(env.app.state.journal)
     ids.apply("j-10", ENDED)  # the other copy's end, read from the stream
@@ -218,7 +219,7 @@ async def test_a_second_copy_of_a_tasks_state_is_dropped_once_the_other_left_for
 ) -> None:
     """Polled, the copy saw the task succeed and went to the copy stage as well: two copies of one
     video, two `succeeded` events."""
-    submitted = await env.handler.handle_job(Delivery(job(job_id="j-13"), "default", take=8))
+    submitted = await env.handle_job(Delivery(job(job_id="j-13"), "default", take=8))
     assert isinstance(submitted, Track)
     polls = len(env.app.state.journal)
     assert await ids.freed("j-13")  # the other copy's, read from the stream

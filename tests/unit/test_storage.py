@@ -22,12 +22,13 @@ from tests.factories import waiting_for_the_copy
 from worker.access import Access
 from worker.api_client import ApiClient
 from worker.errors import CopyFailed, StoreRefused, VideoGone
-from worker.handler import Delivery, Finish, JobHandler, Track
+from worker.handler import Delivery, Finish, JobHandler, Submit, Track
 from worker.limits import TierLimits
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
 from worker.storage import VideoStore, check_url
+from worker.submitting import Submitter
 from worker.tracking import TrackingState
 
 JOB = b'{"job_id": "job-1", "request": {"image": "https://example.com/boat.png", "prompt": "boat"}}'
@@ -156,6 +157,7 @@ class Stage:
     handler: JobHandler
     rig: Rig
     store_access: Access
+    submitter: Submitter
 
 
 @pytest.fixture
@@ -168,16 +170,16 @@ async def stage(rig: Rig) -> AsyncIterator[Stage]:
         "the video store", rig.store.check_write, rig.metrics.storage_access_ok, stopping, retry_max_seconds=0.01
     )
     limits = {t: TierLimits(t, Settings().tiers[t]) for t in ("default", "flex")}
-    handler = JobHandler(
-        settings, api, limits, api_access, rig.metrics, stopping, store=rig.store, store_access=store_access
-    )
-    yield Stage(handler, rig, store_access)
+    handler = JobHandler(settings, api, limits, api_access, rig.metrics, store=rig.store, store_access=store_access)
+    yield Stage(handler, rig, store_access, Submitter(handler, limits, stopping.sleep))
     stopping.set()
     await store_access.close()
 
 
 async def until_copy_stage(stage: Stage) -> TrackingState:
-    outcome = await stage.handler.handle_job(Delivery(JOB, "default"))
+    submit = stage.handler.handle_job(Delivery(JOB, "default"))
+    assert isinstance(submit, Submit)
+    outcome = await stage.submitter.submit(submit)
     for _ in range(1000):
         assert isinstance(outcome, Track)
         if outcome.state.stage == "store":
@@ -270,7 +272,7 @@ async def test_without_a_store_a_left_copy_ends_succeeded_saying_so(rig: Rig) ->
     stopping = Stopping()
     api = ApiClient(rig.http, "http://mock", lambda: "k", rig.metrics)
     access = Access("the API", api.check_access, rig.metrics.api_access_ok, stopping, retry_max_seconds=0.01)
-    handler = JobHandler(settings, api, {}, access, rig.metrics, stopping)
+    handler = JobHandler(settings, api, {}, access, rig.metrics)
     state = waiting_for_the_copy(
         "j", "t", tier="flex", generate_audio=False, video_url="http://mock/_mock/videos/t.mp4"
     )
