@@ -28,24 +28,27 @@ def tier_settings(**fields: Any) -> TierSettings:
     return TierSettings(**values)
 
 
-def waiting_for_the_copy(job_id: str, task_id: str, **fields: Any) -> TrackingState:
-    """The tracking state of a task that succeeded, its video waiting for the copy stage (`fields` changed)."""
+def tracking_state(job_id: str, **fields: Any) -> TrackingState:
+    """The tracking state of a default-tier job read a moment ago, due within the hour (`fields` changed)."""
     now = datetime.now(UTC)
     values: dict[str, Any] = {
         "job_id": job_id,
         "tier": "default",
-        "task_id": task_id,
         "created_at": now,
         "deadline": now + timedelta(hours=1),
         "duration": 5,
         "resolution": "720p",
         "generate_audio": True,
         "tokens": 1,
-        "stage": "store",
-        "video_url": "https://example.com/v.mp4",
     }
     values.update(fields)
     return TrackingState(**values)
+
+
+def waiting_for_the_copy(job_id: str, task_id: str, **fields: Any) -> TrackingState:
+    """The tracking state of a task that succeeded, its video waiting for the copy stage (`fields` changed)."""
+    copy_stage = {"task_id": task_id, "stage": "store", "video_url": "https://example.com/v.mp4"}
+    return tracking_state(job_id, **{**copy_stage, **fields})
 
 
 class Pool:

@@ -157,18 +157,7 @@ class Permits:
 
     async def put(self, queue: str, body: bytes = b"") -> bool:
         """Publish one permit to `queue`: True when the broker took it, False when the queue is full."""
-
-        async def put(channel: AbstractRobustChannel) -> bool:
-            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            try:
-                await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
-            except PublishError:
-                raise QueueMissing(f"{queue} is not there") from None
-            except DeliveryError:
-                return False
-            return True
-
-        return await self._call(put)
+        return await self._call(lambda channel: _put(channel, queue, body))
 
     async def put_many(self, queue: str, count: int) -> int:
         """Publish `count` empty permits to `queue` at once (their confirms awaited together, not one
@@ -176,17 +165,7 @@ class Permits:
         many the broker took."""
 
         async def put_many(channel: AbstractRobustChannel) -> int:
-            async def put() -> bool:
-                message = aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-                try:
-                    await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
-                except PublishError:
-                    raise QueueMissing(f"{queue} is not there") from None
-                except DeliveryError:
-                    return False
-                return True
-
-            outcomes = await asyncio.gather(*(put() for _ in range(count)), return_exceptions=True)
+            outcomes = await asyncio.gather(*(_put(channel, queue) for _ in range(count)), return_exceptions=True)
             took = 0
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
@@ -212,6 +191,18 @@ class Permits:
             return pool.declaration_result.message_count or 0
 
         return await self._call(count)
+
+
+async def _put(channel: AbstractRobustChannel, queue: str, body: bytes = b"") -> bool:
+    """Publish one permit, confirmed: False when the queue refused it (full, or still starting)."""
+    message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    try:
+        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+    except PublishError:
+        raise QueueMissing(f"{queue} is not there") from None
+    except DeliveryError:
+        return False
+    return True
 
 
 class Slot:

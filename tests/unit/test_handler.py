@@ -16,6 +16,7 @@ from contracts.api import ServiceTier
 from mock_server import Faults, MockConfig, create_app
 from mock_server.app import MockApp
 from mock_server.testing import InProcessTransport
+from tests.factories import tracking_state
 from worker.access import Access
 from worker.api_client import ApiClient
 from worker.handler import Defer, Delivery, Finish, JobHandler, Outcome, Reject, Submit, Track
@@ -24,7 +25,6 @@ from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stopping import Stopping
 from worker.submitting import Submitter
-from worker.tracking import TrackingState
 
 IMAGE = "https://example.com/boat.png"
 
@@ -303,19 +303,7 @@ async def test_progress_events_follow_changes(env: Env) -> None:
 
 
 async def test_an_early_tracking_message_is_sent_on_without_polling(env: Env) -> None:
-    now = datetime.now(UTC)
-    state = TrackingState(
-        job_id="j",
-        tier="default",
-        task_id="t",
-        created_at=now,
-        deadline=now + timedelta(hours=1),
-        duration=5,
-        resolution="720p",
-        generate_audio=True,
-        tokens=1,
-        next_poll_at=now + timedelta(seconds=40),
-    )
+    state = tracking_state("j", task_id="t", next_poll_at=datetime.now(UTC) + timedelta(seconds=40))
     outcome = await env.handler.handle_tracking(state)
     assert isinstance(outcome, Track)
     assert 39 < outcome.delay <= 40

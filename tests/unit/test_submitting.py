@@ -4,34 +4,22 @@ handler decides, a slot kept only by a task the API accepted, waits paused and c
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from contracts.messages import JobMessage
-from tests.factories import Pool, tier_settings
+from tests.factories import Pool, tier_settings, tracking_state
 from worker.errors import LimitReached
 from worker.handler import Defer, Duplicate, Finish, Submit, Track, Wait
 from worker.limits import TierLimits
 from worker.submitting import Submitter
-from worker.tracking import TrackingState
 
 JOB = JobMessage.model_validate({"job_id": "j-1", "request": {"image": "https://e.com/a.png", "prompt": "boat"}})
 
 
 def submit(**fields: Any) -> Submit:
-    now = datetime.now(UTC)
-    state = TrackingState(
-        job_id="j-1",
-        tier="default",
-        created_at=now,
-        deadline=now + timedelta(hours=1),
-        duration=5,
-        resolution="720p",
-        generate_audio=True,
-        tokens=1,
-    )
+    state = tracking_state("j-1")
     return Submit(JOB, state, **{"take": 7, "recorded": False, **fields})
 
 
