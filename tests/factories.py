@@ -60,6 +60,7 @@ class Pool:
         self.new = new  # the pool was not there: declare made it
         self.refusing = refusing  # puts nacked first, as by a quorum queue still starting
         self.connected = True
+        self.batches: list[int] = []  # the size of each put_many, in order
         self.failure: PermitsUnreachable | None = None
 
     async def declare(self, name: str, arguments: dict[str, object]) -> bool:
@@ -75,6 +76,7 @@ class Pool:
         return True
 
     async def put_many(self, queue: str, count: int) -> int:
+        self.batches.append(count)
         return sum([await self.put(queue) for _ in range(count)])
 
     async def take(self, queue: str) -> bool:

@@ -205,6 +205,14 @@ def test_an_empty_key_variable_means_no_key(monkeypatch: pytest.MonkeyPatch, tmp
     assert Settings().read_api_key() == "from-file"
 
 
+async def test_a_new_pool_is_filled_in_batches_not_one_confirm_at_a_time() -> None:
+    limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=250, queue_ahead=0))
+    pool = Pool(free=0, new=True)
+    await limits.attach(pool)  # type: ignore[arg-type]
+    assert pool.free == 250
+    assert pool.batches == [100, 100, 50]
+
+
 async def test_a_new_pool_that_refuses_its_first_permits_while_starting_is_still_filled_in_full() -> None:
     limits = TierLimits("default", tier_settings(rpm=None, max_in_flight=7, queue_ahead=0))
     pool = Pool(free=0, new=True, refusing=2)
