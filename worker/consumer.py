@@ -38,7 +38,7 @@ from worker.handler import Defer, Delivery, Duplicate, Finish, JobHandler, Outco
 from worker.job_ids import TAKE_HEADER, new_take
 from worker.metrics import Metrics
 from worker.publisher import Publishing, Received
-from worker.submitting import Submitter
+from worker.submitting import Pause, Submitter
 from worker.tracking import TrackingState, pick_delay_level
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ FAILURE_BACKOFF_BASE = 1.0
 FAILURE_BACKOFF_MAX = 30.0  # a job is held this long at most (well under SEEDANCE_MAX_HOLD_SECONDS's scale)
 
 Kind = Literal["job", "tracking", "store"]
-Pause = Callable[[float], Awaitable[bool]]
 Record = Callable[[str], Awaitable[bool]]
 SlotFreed = Callable[[ServiceTier], Awaitable[None]]
 
