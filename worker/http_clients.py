@@ -5,10 +5,11 @@ their proxies from the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `N
 apply all four timeouts (connect, write, read, pool) and skip interim `1xx` answers: the library does it.
 `SEEDANCE_HTTP_TRANSPORT` picks what carries the bytes underneath:
 
-- `httpx`: httpx's own transport (httpcore), the default;
-- `aiohttp`: aiohttp's client through `httpx-aiohttp` (the transport the OpenAI SDK offers). aiohttp has no
-  write timeout (a stalled upload ends at the read timeout), and httpx-aiohttp reports every broken
-  connection as a connect error; `sent_whole_or_unknown` below tells the two apart again.
+- `aiohttp`, the default: aiohttp's client through `httpx-aiohttp` (the transport the OpenAI SDK offers),
+  about a third of httpcore's CPU per request. aiohttp has no write timeout (a stalled upload ends at the
+  read timeout), and httpx-aiohttp reports every broken connection as a connect error; `never_sent` and
+  `timed_out` below tell them apart again;
+- `httpx`: httpx's own transport (httpcore), which applies the write timeout.
 """
 
 from __future__ import annotations
