@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 Transport = Literal["httpx", "aiohttp"]
 USER_AGENT = "seedance-worker"
@@ -30,6 +31,35 @@ class _NoCookies(http.cookiejar.CookieJar):
 
     def extract_cookies(self, response: Any, request: Any) -> None:
         return None
+
+
+class _CookielessAiohttpTransport(AiohttpTransport):
+    """httpx-aiohttp's transport on an aiohttp session that keeps no cookie either: aiohttp's session has a
+    cookie jar of its own, under httpx's, which would send a cookie one answer set with every later request
+    to that host."""
+
+    def get_client(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or 0,  # 0: no limit, as httpx's None
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+
+class _AiohttpClient(HttpxAiohttpClient):
+    """`HttpxAiohttpClient` whose transports, the direct one and one per proxy, keep no cookies."""
+
+    # httpx calls both with keywords only; the narrower signatures say which ones this class uses.
+    def _init_transport(  # type: ignore[override]
+        self, transport: httpx.AsyncBaseTransport | None = None, **options: Any
+    ) -> httpx.AsyncBaseTransport:
+        return transport or _CookielessAiohttpTransport(**options)
+
+    def _init_proxy_transport(  # type: ignore[override]
+        self, proxy: httpx.Proxy, **options: Any
+    ) -> httpx.AsyncBaseTransport:
+        return _CookielessAiohttpTransport(proxy=proxy, **options)
 
 
 def timeouts(seconds: float) -> httpx.Timeout:
@@ -56,9 +86,7 @@ def http_client(
         "cookies": _NoCookies(),
     }
     if transport == "aiohttp":
-        from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415 - only loaded when chosen
-
-        return HttpxAiohttpClient(**options)  # type: ignore[arg-type]
+        return _AiohttpClient(**options)  # type: ignore[arg-type]
     return httpx.AsyncClient(**options)  # type: ignore[arg-type]
 
 

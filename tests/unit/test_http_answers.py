@@ -245,3 +245,26 @@ async def test_a_reset_after_the_request_went_out_is_a_lost_answer(serve, api) -
     with pytest.raises(AnswerLost) as caught:
         await api(server.port).submit(REQUEST)
     assert caught.value.reason == "transport", "on aiohttp too, although httpx-aiohttp calls it a connect error"
+
+
+async def test_a_cookie_an_answer_sets_never_rides_along_with_a_later_request(serve, transport) -> None:
+    """A gateway's load balancer may set a session cookie: one job's answer must not shape another's request."""
+
+    async def with_cookie(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        target = head.split(b" ")[1].decode()
+        answer = ok(task_result(parse_qs(urlsplit(target).query)["task_id"][0]))
+        writer.write(answer.replace(b"\r\n\r\n", b"\r\nSet-Cookie: lb=node-7; Path=/\r\n\r\n", 1))
+
+    server = await serve(with_cookie)
+    # By name: aiohttp's own cookie jar ignores cookies of a bare IP address.
+    client = ApiClient(
+        http_client(transport, timeouts(2.0)),
+        f"http://localhost:{server.port}",
+        lambda: "key",
+        Metrics(CollectorRegistry()),
+    )
+    for task_id in ("task-1", "task-2", "task-3"):
+        assert (await client.task_result(task_id)).task.task_id == task_id
+    assert len(server.heads) == 3
+    await client.aclose()
+    assert not [h for h in server.heads if b"\r\ncookie:" in h.lower()], server.heads
