@@ -86,6 +86,7 @@ ACK_EVERY = 500
 ACK_DELAY = 0.05  # seconds
 TAKE_HEADER = "x-seedance-take"
 CLAIM_SECONDS = 30.0  # claims this close to the winning one are the same round (replicas starting together)
+BATCH_MAX = 500  # records in one message of the stream, at most (about 50 kB)
 READ_BACK_SECONDS = 10.0  # a taken record not read back by then: the delivery fails, and is tried again
 
 # One int per id: flags in the low bits, the minute it was first seen above them, then the take token, and
@@ -160,6 +161,9 @@ class JobIds:
         # A record of this replica waiting to be read back, by (kind, job id or name, token): the answer.
         self._reading_back: dict[tuple[str, str, int], asyncio.Future[bool]] = {}
         self._claims: dict[str, tuple[int, float]] = {}  # name -> the winning claim and its time
+        # Records waiting for the publish in flight to be confirmed, to go out together in one message.
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._sending: asyncio.Task[None] | None = None
         self.replay_seconds: float | None = None
         self.snapshot_ids: int | None = None  # how many ids the snapshot started from held (None: no snapshot)
 
@@ -237,6 +241,9 @@ class JobIds:
         )
 
     async def close(self) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
+            await asyncio.gather(self._sending, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -281,7 +288,7 @@ class JobIds:
         self._reading_back[(kind, key, token)] = read_back
         name, field = ("name", "claim") if kind == "claim" else ("job_id", _TOKEN_FIELDS[kind])
         try:
-            await self._record({name: key, "record": kind, field: token, **fields})
+            await self._grouped({name: key, "record": kind, field: token, **fields})
             return await asyncio.wait_for(read_back, READ_BACK_SECONDS)
         finally:
             self._reading_back.pop((kind, key, token), None)
@@ -292,6 +299,12 @@ class JobIds:
         if kind == "mark":
             if record.get("mark") == self._mark and not self._caught_up.is_set():
                 self._caught_up.set()
+            return
+        if kind == "batch":
+            if not isinstance(record["records"], list):
+                raise TypeError("a batch's records are a list")
+            for each in record["records"]:
+                self._apply_one(each)
             return
         if kind == "claim":
             name, token, at = record["name"], int(record["claim"]), float(record["at"])
@@ -313,10 +326,48 @@ class JobIds:
             before = self.apply(job_id, FREED | TAKEN)
             self._answer(kind, job_id, token, not before & FREED)
 
+    def _apply_one(self, record: Any) -> None:
+        """One record of a batch: a bad one is skipped, the rest of the batch still applies."""
+        if not isinstance(record, dict) or record.get("record") in ("batch", "mark"):
+            log.warning("an unreadable record in a batch of %s: ignored", IDS_STREAM)
+            return
+        try:
+            self._apply_record(record)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("an unreadable record in a batch of %s: ignored", IDS_STREAM)
+
     def _answer(self, kind: str, key: str, token: int, first: bool) -> None:
         read_back = self._reading_back.get((kind, key, token))
         if read_back is not None and not read_back.done():
             read_back.set_result(first)
+
+    async def _grouped(self, record: dict[str, Any]) -> None:
+        """Publish `record`, confirmed, together with the others that come while a publish is in flight
+        (a group commit): one record alone goes out at once, as ever; under load, each confirm's round
+        trip gathers the next batch, so the stream, and every replica reading it, gets one message per
+        batch instead of one per record. The order of the batch is the order the records were made in."""
+        confirmed = asyncio.get_running_loop().create_future()
+        self._waiting.append((record, confirmed))
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send_waiting())
+        await confirmed
+
+    async def _send_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:BATCH_MAX], self._waiting[BATCH_MAX:]
+            records = [record for record, _ in batch]
+            try:
+                await self._record(records[0] if len(records) == 1 else {"record": "batch", "records": records})
+            except BaseException as exc:
+                for _, confirmed in batch:
+                    if not confirmed.done():
+                        confirmed.set_exception(exc if isinstance(exc, Exception) else ConnectionError("stopped"))
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, confirmed in batch:
+                    if not confirmed.done():
+                        confirmed.set_result(None)
 
     async def _record(self, record: dict[str, Any]) -> None:
         channel = await self._publishing()

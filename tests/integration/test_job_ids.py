@@ -4,9 +4,12 @@ replica resuming after its connection was lost."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry
 
 from contracts.brokers import ClusterConnection
@@ -16,7 +19,7 @@ from worker import topology
 from worker.job_ids import JobIds, Known
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.topology import SNAPSHOT_STREAM
+from worker.topology import IDS_STREAM, SNAPSHOT_STREAM
 
 pytestmark = [pytest.mark.broker]
 
@@ -169,3 +172,51 @@ async def test_records_read_are_acknowledged_soon_even_when_few(
 
     await wait_for(lambda: held() == 0, what="the reader to ack the records it read")
     await ids.close()
+
+
+async def stream_records(connection: ClusterConnection, wanted: Callable[[list[dict[str, Any]]], bool]) -> list[int]:
+    """Read the ids stream from its start until the records in it satisfy `wanted`: how many records each
+    job-record message held (a single record counts 1, a batch its length)."""
+    channel = await (await connection.channel()).get_underlay_channel()
+    records: list[dict[str, Any]] = []
+    sizes: list[int] = []
+
+    async def on_message(message: DeliveredMessage) -> None:
+        record = json.loads(message.body)
+        held = record["records"] if record.get("record") == "batch" else [record]
+        held = [r for r in held if r.get("record") in ("taken", "ended", "freed")]
+        if held:
+            records.extend(held)
+            sizes.append(len(held))
+        await channel.basic_ack(message.delivery_tag or 0)
+
+    await channel.basic_qos(prefetch_count=1000)
+    await channel.basic_consume(IDS_STREAM, on_message, arguments={"x-stream-offset": "first"})
+    try:
+        await wait_for(lambda: wanted(records), what="the records in the stream")
+    finally:
+        await channel.close()
+    return sizes
+
+
+async def test_records_made_at_once_go_out_together_and_every_replica_reads_each_in_order(
+    connect: Callable[[], asyncio.Future[ClusterConnection]],
+) -> None:
+    """A flood of jobs taken at once costs the stream (and every replica reading it) one message per
+    confirm's round trip, not one per record, and the order within a batch is the order of the stream:
+    of two copies taken in one batch, the first goes on, on every replica."""
+    connection = await connect()
+    one = await remembered(connection)
+    two = await remembered(await connect())
+    firsts = await asyncio.gather(
+        one.taken("copy", 1), one.taken("copy", 2), *(one.taken(f"flood-{n}", n + 1) for n in range(300))
+    )
+    assert firsts[:2] == [True, False]
+    assert all(firsts[2:])
+    await wait_for(lambda: all(two.known(f"flood-{n}").take == n + 1 for n in range(300)), what="the other replica")
+    assert two.known("copy").take == 1
+    sizes = await stream_records(connection, lambda records: len(records) >= 302)
+    assert sum(sizes) == 302
+    assert len(sizes) < 302 / 10, f"{len(sizes)} messages for 302 records: {sizes}"
+    await one.close()
+    await two.close()

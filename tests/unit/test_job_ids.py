@@ -84,6 +84,22 @@ def test_facts_accumulate_and_old_ids_are_forgotten() -> None:
     assert len(ids) == 1
 
 
+def test_a_batch_applies_its_records_in_order_and_skips_only_the_bad_ones() -> None:
+    ids = JobIds(Metrics(CollectorRegistry()))
+    records: list[Any] = [
+        {"record": "taken", "job_id": "a", "take": 1},
+        {"record": "taken"},  # no job id
+        5,
+        {"record": "batch", "records": []},  # batches do not nest
+        {"record": "taken", "job_id": "a", "take": 2},  # a second copy, later in the batch
+        {"record": "ended", "job_id": "b", "end": 3},
+    ]
+    ids._apply_record({"record": "batch", "records": records})
+    assert ids.known("a") == Known(taken=True, take=1)
+    assert ids.known("b") == Known(taken=True, ended=True)
+    assert len(ids) == 2
+
+
 async def test_the_taken_record_is_written_before_the_api_sees_the_submit(env: Env, ids: MemoryIds) -> None:
     outcome = await env.handle_job(Delivery(job(job_id="j-1"), "default", take=42))
     assert isinstance(outcome, Track)
